@@ -1,0 +1,88 @@
+"""A dependency-free, memory-mapped safetensors reader that streams one tensor at a time.
+
+numpy has no bfloat16, so BF16 tensors are returned as `ml_dtypes.bfloat16` arrays; the `safetensors`
+package's numpy backend refuses them and its torch backend would make torch a runtime dependency.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_MAX_HEADER = 100 * 2**20
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a readable safetensors file (message names the file and key)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype, shape and byte range inside the data section."""
+
+    path: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def read_header(path: str) -> dict[str, TensorInfo]:
+    """Parses and validates the header of `path` without reading tensor data."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise SafetensorsError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(_MAX_HEADER, size - 8):
+                raise SafetensorsError(f"{path}: not a safetensors file (header length {n} does not fit the file)")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data_start, out = 8 + n, {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_DTYPES[entry["dtype"]])
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsError(f"{path}: tensor {key!r} has a malformed header entry {entry!r}") from None
+        if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise SafetensorsError(f"{path}: tensor {key!r} byte range does not match its shape {shape}")
+        if data_start + end > size:
+            raise SafetensorsError(f"{path}: tensor {key!r} lies past the end of the file (truncated?)")
+        out[key] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
+    return out
+
+
+class Reader:
+    """Reads tensors from one or more safetensors files through read-only memory maps."""
+
+    def __init__(self, infos: dict[str, TensorInfo]):
+        self.infos = infos
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def read(self, key: str) -> np.ndarray:
+        """The tensor `key` as a numpy array backed by the file's pages (copy it to keep it)."""
+        info = self.infos[key]
+        if info.path not in self._maps:
+            with open(info.path, "rb") as f:
+                self._maps[info.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = self._maps[info.path]
+        return np.frombuffer(buf, dtype=info.dtype, count=(info.end - info.start) // info.dtype.itemsize,
+                             offset=info.start).reshape(info.shape)

@@ -1,0 +1,167 @@
+"""`python -m iconface_jax.bench`: forward and LoRA training-step speed of the FLUX.2 backbone.
+
+Random weights (speed does not depend on values). Each sample is DESIGN.md's hybrid sequence: text,
+scene, degraded and R reference segments. Prints one table (ms/step, samples/s, MFU against a matmul
+peak measured in the same run, peak device memory, compile time) and writes it as JSON.
+On CPU the defaults shrink to the tiny preset and small images so the run takes seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from iconface_jax import flow, sequence
+from iconface_jax.models import flux2, lora
+from iconface_jax.models.layers import Precision
+
+
+def model_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int) -> tuple[float, float]:
+    """Forward FLOPs of one sample, (linear, attention), DESIGN.md's formulas for any preset."""
+    d, m = cfg.hidden_size, cfg.mlp_hidden
+    per_token = 4 * d * d + 3 * d * m  # q, k, v, out + SwiGLU in (2m) and out (m)
+    length, blocks = text_len + image_len, cfg.num_layers + cfg.num_single_layers
+    return 2.0 * length * per_token * blocks, 4.0 * length**2 * d * blocks
+
+
+def train_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int) -> float:
+    """A LoRA step on a frozen base: ~2x the linear forward (no weight gradients) + 3.5x attention."""
+    lin, att = model_flops(cfg, text_len, image_len)
+    return 2 * lin + 3.5 * att
+
+
+def measure_peak(dtype: jnp.dtype, n: int) -> float:
+    """Matmul FLOP/s of this device, from an (n x n) @ (n x n) product."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _timed(fn, steps: int) -> float:
+    """Median seconds per call over `steps` calls (after the caller's warm-up)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def peak_memory_gb() -> float | None:
+    """Peak bytes in use on the first device, where the backend reports it."""
+    stats = jax.devices()[0].memory_stats() or {}
+    return round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None
+
+
+def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, steps: int, lora_rank: int):
+    """Forward and LoRA train-step rows for one (batch, refs) shape."""
+    n_img = grid * grid
+    img_ids = sequence.image_segment_ids(grid, grid, refs)
+    txt_ids = sequence.text_ids(text_len)
+    dtype = model.precision.dtype
+    key = jax.random.key(batch * 10 + refs)
+    k1, k2, k3 = jax.random.split(key, 3)
+    x = jax.random.normal(k1, (batch, len(img_ids), cfg.in_channels), dtype)
+    ctx = jax.random.normal(k2, (batch, text_len, cfg.joint_attention_dim), dtype)
+    eps = jax.random.normal(k3, (batch, n_img, cfg.in_channels), dtype)
+    sigma = jnp.full((batch,), 0.5, jnp.float32)
+
+    graphdef, trainable, frozen = nnx.split(model, lora.trainable, ...)
+    tx = optax.adamw(1e-4)
+    opt_state = tx.init(trainable)
+
+    @jax.jit
+    def forward(frozen, trainable, x, ctx):
+        return nnx.merge(graphdef, trainable, frozen)(x, ctx, sigma, img_ids, txt_ids)
+
+    def loss_fn(trainable, frozen, x, ctx):
+        z = x.at[:, :n_img].set(flow.interpolate(x[:, :n_img], eps, sigma))
+        velocity = nnx.merge(graphdef, trainable, frozen)(z, ctx, sigma, img_ids, txt_ids)[:, :n_img]
+        return jnp.mean(flow.loss(velocity, x[:, :n_img], eps))
+
+    @jax.jit
+    def train_step(trainable, opt_state, frozen, x, ctx):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, ctx)  # no gradients for frozen
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+
+    rows, lin, att = [], *model_flops(cfg, text_len, len(img_ids))
+    start = time.perf_counter()
+    forward(frozen, trainable, x, ctx).block_until_ready()
+    compile_fwd = time.perf_counter() - start
+    t_fwd = _timed(lambda: forward(frozen, trainable, x, ctx), steps)
+    rows.append(dict(kind="forward", B=batch, R=refs, tokens=text_len + len(img_ids), ms=t_fwd * 1e3,
+                     samples_s=batch / t_fwd, flops=batch * (lin + att), compile_s=compile_fwd))
+    start = time.perf_counter()
+    state = train_step(trainable, opt_state, frozen, x, ctx)
+    jax.block_until_ready(state)
+    compile_train = time.perf_counter() - start
+
+    def one_step():
+        nonlocal state
+        state = train_step(state[0], state[1], frozen, x, ctx)
+        return state
+    t_train = _timed(one_step, steps)
+    rows.append(dict(kind=f"train lora r{lora_rank}", B=batch, R=refs, tokens=text_len + len(img_ids),
+                     ms=t_train * 1e3, samples_s=batch / t_train,
+                     flops=batch * train_flops(cfg, text_len, len(img_ids)), compile_s=compile_train))
+    return rows
+
+
+def main(argv=None) -> int:
+    """Command-line entry point: parses the shape list, runs each shape and prints the table."""
+    on_cpu = jax.default_backend() == "cpu"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny" if on_cpu else "klein-base-4b", choices=sorted(flux2.PRESETS))
+    p.add_argument("--shapes", default="1x0,2x3" if on_cpu else "4x0,1x3,2x3",
+                   help="comma-separated BxR: batch size x reference count")
+    p.add_argument("--image-size", type=int, default=128 if on_cpu else 512,
+                   help="pixels; the transformer sees (size / 16)^2 tokens per image segment")
+    p.add_argument("--text-len", type=int, default=64 if on_cpu else 512)
+    p.add_argument("--precision", default="float32" if on_cpu else "bf16", choices=["float32", "bf16"])
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3 if on_cpu else 10)
+    p.add_argument("--attention", default=None, help="attention backend: xla, cudnn or splash")
+    p.add_argument("--out", default="bench.json", help="JSON results")
+    args = p.parse_args(argv)
+
+    cfg, precision = flux2.PRESETS[args.preset], Precision.named(args.precision)
+    peak = measure_peak(precision.dtype, 1024 if on_cpu else 8192)
+    model = flux2.build(cfg, precision, attention_backend=args.attention)
+    lora.add_lora(model, args.lora_rank, float(args.lora_rank))
+    grid = args.image_size // 16
+    rows = []
+    for shape in args.shapes.split(","):
+        batch, refs = (int(v) for v in shape.lower().split("x"))
+        for row in bench_shape(model, cfg, batch, refs, grid, args.text_len, args.steps, args.lora_rank):
+            row["mfu"] = row["flops"] / (row["ms"] / 1e3) / peak
+            rows.append(row)
+            print(f"  {row['kind']:<14} B={batch} R={refs}: {row['ms']:.1f} ms", file=sys.stderr, flush=True)
+    result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), preset=args.preset,
+                  precision=args.precision, image_size=args.image_size, text_len=args.text_len,
+                  peak_tflops=peak / 1e12, peak_memory_gb=peak_memory_gb(), rows=rows)
+    print(f"{args.preset} on {result['device']} ({args.precision}); measured matmul peak "
+          f"{peak / 1e12:.2f} TFLOP/s; peak memory {result['peak_memory_gb']} GB")
+    print(f"{'kind':<16}{'B':>3}{'R':>3}{'tokens':>8}{'ms/step':>10}{'samples/s':>11}{'MFU':>7}{'compile s':>11}")
+    for r in rows:
+        print(f"{r['kind']:<16}{r['B']:>3}{r['R']:>3}{r['tokens']:>8}{r['ms']:>10.1f}{r['samples_s']:>11.2f}"
+              f"{r['mfu']:>7.3f}{r['compile_s']:>11.1f}")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

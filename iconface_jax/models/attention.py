@@ -1,0 +1,61 @@
+"""Multi-head attention behind one function with backends: cuDNN flash (GPU), Pallas splash (TPU), XLA.
+
+All backends take q, k, v as (batch, length, heads, head_dim) and an optional key mask (batch, kv_len)
+that is True where a key may be attended to; softmax statistics are float32 in every backend.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("xla", "cudnn", "splash")
+
+
+def default_backend() -> str:
+    """The fastest backend for the platform JAX runs on."""
+    platform = jax.default_backend()
+    return {"gpu": "cudnn", "tpu": "splash"}.get(platform, "xla")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None,
+              backend: str | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v over (B, L, H, D) inputs; returns (B, Lq, H, D) in q's dtype."""
+    backend = backend or default_backend()
+    if backend == "xla":
+        return _xla(q, k, v, key_mask)
+    if backend == "cudnn":
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    if backend == "splash":
+        return _splash(q, k, v, key_mask)
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _xla(q, k, v, key_mask):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def _splash(q, k, v, key_mask):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    _, lq, heads, dim = q.shape
+    lk = k.shape[1]
+    mask = sm.MultiHeadMask([sm.FullMask((lq, lk)) for _ in range(heads)])
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+    # splash takes (heads, length, dim) per example and does not scale q.
+    q = (q / math.sqrt(dim)).astype(q.dtype).transpose(0, 2, 1, 3)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if key_mask is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        # Masked keys get segment 1, queries segment 0: a key is visible iff its segment matches.
+        ids = sk.SegmentIds(q=jnp.zeros((q.shape[0], lq), jnp.int32), kv=(~key_mask).astype(jnp.int32))
+        out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=s))(q, k, v, ids)
+    return out.transpose(0, 2, 1, 3)

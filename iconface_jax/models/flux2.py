@@ -1,0 +1,362 @@
+"""The FLUX.2 flow-matching transformer (diffusers' `Flux2Transformer2DModel`) as Flax NNX modules.
+
+Attribute names mirror diffusers' module names (`transformer_blocks.0.attn.to_out.0`), so a parameter's
+dotted path is its diffusers key with `weight` renamed `kernel` (Linear, stored (in, out)) or `scale`
+(RMSNorm). The forward pass is split into `embed`, the blocks and `head` so that the IConFace model
+can run the same pieces with its side pathways in between.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from iconface_jax import weights
+from iconface_jax.models.attention import attention
+from iconface_jax.models.layers import Linear, Precision, RMSNorm, layer_norm
+
+FAMILY = "flux2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Flux2Config:
+    """Architecture hyper-parameters, named as diffusers' `Flux2Transformer2DModel` config."""
+
+    in_channels: int = 128
+    num_layers: int = 5
+    num_single_layers: int = 20
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 7680
+    timestep_guidance_channels: int = 256
+    mlp_ratio: float = 3.0
+    axes_dims_rope: tuple[int, ...] = (32, 32, 32, 32)
+    rope_theta: int = 2000
+    eps: float = 1e-6
+    guidance_embeds: bool = False
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+
+PRESETS = {
+    "klein-base-4b": Flux2Config(),
+    "klein-9b": Flux2Config(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288),
+    "dev": Flux2Config(num_layers=8, num_single_layers=48, num_attention_heads=48, joint_attention_dim=15360,
+                       guidance_embeds=True),
+    "tiny": Flux2Config(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=24, timestep_guidance_channels=32,
+                        axes_dims_rope=(4, 4, 4, 4)),
+}
+
+# A modulation applied per segment of the sequence: ((token count, (B, k*D) modulation), ...) in order.
+# The backbone uses one segment; IConFace gives image tokens their own (identity deltas), and the
+# reference-token cache gives reference tokens a fixed-timestep modulation.
+Segments = Sequence[tuple[int, jax.Array]]
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding, [cos | sin] (diffusers' `Timesteps` with flip_sin_to_cos, shift 0), float32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rope_tables(ids: jax.Array | np.ndarray, axes_dims: Sequence[int], theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables (L, head_dim // 2) of the 4-axis RoPE over position ids (L, n_axes).
+
+    Concrete ids (the usual case: they depend on shapes only) are computed in float64 on the host, as
+    diffusers does; angles reach hundreds of radians, where float32 rounding alone costs ~3e-5.
+    """
+    if isinstance(ids, jax.core.Tracer):
+        xp, pos = jnp, ids.astype(jnp.float32)
+    else:
+        xp, pos = np, np.asarray(ids, dtype=np.float64)
+    angles = []
+    for axis, dim in enumerate(axes_dims):
+        freqs = 1.0 / (theta ** (xp.arange(0, dim, 2, dtype=pos.dtype) / dim))
+        angles.append(pos[:, axis:axis + 1] * freqs[None, :])
+    angles = xp.concatenate(angles, axis=-1)
+    return jnp.asarray(xp.cos(angles), jnp.float32), jnp.asarray(xp.sin(angles), jnp.float32)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates interleaved channel pairs (x0, x1) of (B, L, H, D) by the angles in `rope`, in float32."""
+    cos, sin = rope[0][None, :, None, :], rope[1][None, :, None, :]
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def _chunks(mod: jax.Array, n: int) -> list[jax.Array]:
+    """Splits a (B, n*D) modulation into n (B, 1, D) pieces (shift, scale, gate, ...)."""
+    return [m[:, None, :] for m in jnp.split(mod, n, axis=-1)]
+
+
+def _by_segment(x: jax.Array, segments: Segments, fn) -> jax.Array:
+    """Applies fn(x_segment, modulation) to each segment of the sequence axis."""
+    if len(segments) == 1:
+        return fn(x, segments[0][1])
+    cuts = np.cumsum([n for n, _ in segments])[:-1].tolist()
+    return jnp.concatenate([fn(p, m) for p, (_, m) in zip(jnp.split(x, cuts, axis=1), segments)], axis=1)
+
+
+def _as_segments(mod: jax.Array | Segments, length: int) -> Segments:
+    return ((length, mod),) if isinstance(mod, jax.Array) else mod
+
+
+def _modulated_norm(x: jax.Array, mod: Segments, stage: int, sets: int, eps: float) -> jax.Array:
+    """LayerNorm(x) * (1 + scale) + shift with stage `stage` of a `sets`-set modulation."""
+    def fn(y, m):
+        shift, scale = _chunks(m, 3 * sets)[3 * stage:3 * stage + 2]
+        return layer_norm(y, eps) * (1 + scale) + shift
+    return _by_segment(x, mod, fn)
+
+
+def _gated(y: jax.Array, mod: Segments, stage: int, sets: int) -> jax.Array:
+    """gate * y with the gate of stage `stage`."""
+    return _by_segment(y, mod, lambda v, m: _chunks(m, 3 * sets)[3 * stage + 2] * v)
+
+
+class TimestepEmbedding(nnx.Module):
+    """linear_2(silu(linear_1(x))): diffusers' `TimestepEmbedding` without biases."""
+
+    def __init__(self, in_dim: int, dim: int, *, precision: Precision, rngs: nnx.Rngs):
+        self.linear_1 = Linear(in_dim, dim, precision=precision, rngs=rngs)
+        self.linear_2 = Linear(dim, dim, precision=precision, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class TimeGuidanceEmbed(nnx.Module):
+    """The conditioning vector temb from the timestep (and the guidance scale on guidance-distilled models)."""
+
+    def __init__(self, cfg: Flux2Config, *, precision: Precision, rngs: nnx.Rngs):
+        self.channels = cfg.timestep_guidance_channels
+        self.timestep_embedder = TimestepEmbedding(self.channels, cfg.hidden_size, precision=precision, rngs=rngs)
+        self.guidance_embedder = (TimestepEmbedding(self.channels, cfg.hidden_size, precision=precision, rngs=rngs)
+                                  if cfg.guidance_embeds else None)
+
+    def __call__(self, timestep: jax.Array, guidance: jax.Array | None) -> jax.Array:
+        temb = self.timestep_embedder(timestep_embedding(timestep, self.channels))
+        if guidance is not None and self.guidance_embedder is not None:
+            temb = temb + self.guidance_embedder(timestep_embedding(guidance, self.channels))
+        return temb
+
+
+class Modulation(nnx.Module):
+    """linear(silu(temb)) -> sets x (shift, scale, gate); shared by all blocks of one kind."""
+
+    def __init__(self, dim: int, sets: int, *, precision: Precision, rngs: nnx.Rngs):
+        self.linear = Linear(dim, dim * 3 * sets, precision=precision, rngs=rngs)
+
+    def __call__(self, temb: jax.Array) -> jax.Array:
+        return self.linear(jax.nn.silu(temb))
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU MLP with the gate fused into the first linear: linear_out(silu(a) * b), [a | b] = linear_in(x)."""
+
+    def __init__(self, dim: int, hidden: int, *, precision: Precision, rngs: nnx.Rngs):
+        self.linear_in = Linear(dim, 2 * hidden, precision=precision, rngs=rngs)
+        self.linear_out = Linear(hidden, dim, precision=precision, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a, b = jnp.split(self.linear_in(x), 2, axis=-1)
+        return self.linear_out(jax.nn.silu(a) * b)
+
+
+class Attention(nnx.Module):
+    """Joint attention of the double-stream block: separate image and text projections, one softmax."""
+
+    def __init__(self, cfg: Flux2Config, *, precision: Precision, rngs: nnx.Rngs, backend: str | None):
+        d, hd = cfg.hidden_size, cfg.attention_head_dim
+        self.head_dim, self.backend = hd, backend
+
+        def linear(): return Linear(d, d, precision=precision, rngs=rngs)
+        def norm(): return RMSNorm(hd, eps=cfg.eps, precision=precision)
+        self.to_q, self.to_k, self.to_v = linear(), linear(), linear()
+        self.norm_q, self.norm_k = norm(), norm()
+        self.to_out = nnx.List([linear()])  # a list, as in diffusers, so the key reads `to_out.0`
+        self.add_q_proj, self.add_k_proj, self.add_v_proj = linear(), linear(), linear()
+        self.norm_added_q, self.norm_added_k = norm(), norm()
+        self.to_add_out = linear()
+
+    def _heads(self, x):
+        return x.reshape(*x.shape[:-1], -1, self.head_dim)
+
+    def __call__(self, img: jax.Array, txt: jax.Array, rope) -> tuple[jax.Array, jax.Array]:
+        q = jnp.concatenate([self.norm_added_q(self._heads(self.add_q_proj(txt))),
+                             self.norm_q(self._heads(self.to_q(img)))], axis=1)
+        k = jnp.concatenate([self.norm_added_k(self._heads(self.add_k_proj(txt))),
+                             self.norm_k(self._heads(self.to_k(img)))], axis=1)
+        v = jnp.concatenate([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], axis=1)
+        out = attention(apply_rope(q, rope), apply_rope(k, rope), v, backend=self.backend)
+        out = out.reshape(*out.shape[:2], -1)
+        n_txt = txt.shape[1]
+        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+
+
+class TransformerBlock(nnx.Module):
+    """Double-stream block: image and text keep their own weights and modulations, attend jointly."""
+
+    def __init__(self, cfg: Flux2Config, *, precision: Precision, rngs: nnx.Rngs, backend: str | None):
+        self.eps = cfg.eps
+        self.attn = Attention(cfg, precision=precision, rngs=rngs, backend=backend)
+        self.ff = FeedForward(cfg.hidden_size, cfg.mlp_hidden, precision=precision, rngs=rngs)
+        self.ff_context = FeedForward(cfg.hidden_size, cfg.mlp_hidden, precision=precision, rngs=rngs)
+
+    def __call__(self, img: jax.Array, txt: jax.Array, img_mod: jax.Array | Segments,
+                 txt_mod: jax.Array | Segments, rope) -> tuple[jax.Array, jax.Array]:
+        """One block; the modulations are (B, 6D) outputs of the shared heads, or per-segment ones."""
+        img_mod, txt_mod = _as_segments(img_mod, img.shape[1]), _as_segments(txt_mod, txt.shape[1])
+        img_attn, txt_attn = self.attn(_modulated_norm(img, img_mod, 0, 2, self.eps),
+                                       _modulated_norm(txt, txt_mod, 0, 2, self.eps), rope)
+        return self._rest(img, img_attn, img_mod, self.ff), self._rest(txt, txt_attn, txt_mod, self.ff_context)
+
+    def _rest(self, x, attn_out, mod, ff):
+        """Gated attention residual, then the gated MLP residual, for one stream."""
+        x = x + _gated(attn_out, mod, 0, 2)
+        return x + _gated(ff(_modulated_norm(x, mod, 1, 2, self.eps)), mod, 1, 2)
+
+
+class ParallelSelfAttention(nnx.Module):
+    """Single-stream attention with the MLP in parallel: one fused qkv+MLP input map, one fused output map."""
+
+    def __init__(self, cfg: Flux2Config, *, precision: Precision, rngs: nnx.Rngs, backend: str | None):
+        d, self.mlp_hidden = cfg.hidden_size, cfg.mlp_hidden
+        self.head_dim, self.backend = cfg.attention_head_dim, backend
+        self.to_qkv_mlp_proj = Linear(d, 3 * d + 2 * self.mlp_hidden, precision=precision, rngs=rngs)
+        self.norm_q = RMSNorm(self.head_dim, eps=cfg.eps, precision=precision)
+        self.norm_k = RMSNorm(self.head_dim, eps=cfg.eps, precision=precision)
+        self.to_out = Linear(d + self.mlp_hidden, d, precision=precision, rngs=rngs)
+
+    def __call__(self, x: jax.Array, rope) -> jax.Array:
+        d = x.shape[-1]
+        h = self.to_qkv_mlp_proj(x)
+        q, k, v, gate, up = jnp.split(h, [d, 2 * d, 3 * d, 3 * d + self.mlp_hidden], axis=-1)
+        heads = lambda y: y.reshape(*y.shape[:-1], -1, self.head_dim)  # noqa: E731
+        out = attention(apply_rope(self.norm_q(heads(q)), rope), apply_rope(self.norm_k(heads(k)), rope),
+                        heads(v), backend=self.backend)
+        return self.to_out(jnp.concatenate([out.reshape(*out.shape[:2], -1), jax.nn.silu(gate) * up], axis=-1))
+
+
+class SingleTransformerBlock(nnx.Module):
+    """Single-stream block over the joint [text; image] sequence."""
+
+    def __init__(self, cfg: Flux2Config, *, precision: Precision, rngs: nnx.Rngs, backend: str | None):
+        self.eps = cfg.eps
+        self.attn = ParallelSelfAttention(cfg, precision=precision, rngs=rngs, backend=backend)
+
+    def __call__(self, x: jax.Array, mod: jax.Array | Segments, rope) -> jax.Array:
+        """One block; `mod` is the (B, 3D) single-stream modulation, or per-segment modulations."""
+        mod = _as_segments(mod, x.shape[1])
+        return x + _gated(self.attn(_modulated_norm(x, mod, 0, 1, self.eps), rope), mod, 0, 1)
+
+
+class NormOut(nnx.Module):
+    """diffusers' `AdaLayerNormContinuous`: LayerNorm, then (1 + scale) and shift from linear(silu(temb))."""
+
+    def __init__(self, dim: int, *, eps: float, precision: Precision, rngs: nnx.Rngs):
+        self.eps = eps
+        self.linear = Linear(dim, 2 * dim, precision=precision, rngs=rngs)
+
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        scale, shift = _chunks(self.linear(jax.nn.silu(temb)), 2)
+        return layer_norm(x, self.eps) * (1 + scale) + shift
+
+
+@dataclasses.dataclass
+class Conditioning:
+    """What every block reads besides the tokens: temb, the three shared modulations and the RoPE tables."""
+
+    temb: jax.Array
+    mod_img: jax.Array
+    mod_txt: jax.Array
+    mod_single: jax.Array
+    rope: tuple[jax.Array, jax.Array]
+
+
+class Flux2Transformer(nnx.Module):
+    """FLUX.2 transformer: `model(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids)`."""
+
+    def __init__(self, cfg: Flux2Config, *, precision: Precision = Precision(), rngs: nnx.Rngs,
+                 attention_backend: str | None = None):
+        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
+            raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim {cfg.attention_head_dim}")
+        self.config, self.precision = cfg, precision
+        d = cfg.hidden_size
+        kw = dict(precision=precision, rngs=rngs)
+        self.time_guidance_embed = TimeGuidanceEmbed(cfg, **kw)
+        self.double_stream_modulation_img = Modulation(d, 2, **kw)
+        self.double_stream_modulation_txt = Modulation(d, 2, **kw)
+        self.single_stream_modulation = Modulation(d, 1, **kw)
+        self.x_embedder = Linear(cfg.in_channels, d, **kw)
+        self.context_embedder = Linear(cfg.joint_attention_dim, d, **kw)
+        self.transformer_blocks = nnx.List(
+            [TransformerBlock(cfg, backend=attention_backend, **kw) for _ in range(cfg.num_layers)])
+        self.single_transformer_blocks = nnx.List(
+            [SingleTransformerBlock(cfg, backend=attention_backend, **kw) for _ in range(cfg.num_single_layers)])
+        self.norm_out = NormOut(d, eps=cfg.eps, **kw)
+        self.proj_out = Linear(d, cfg.in_channels, **kw)
+
+    def conditioning(self, timestep: jax.Array, img_ids, txt_ids, guidance: jax.Array | None = None) -> Conditioning:
+        """temb from timestep in [0, 1] (scaled by 1000 as diffusers does), modulations and RoPE for [text; image]."""
+        dtype = self.precision.dtype
+        temb = self.time_guidance_embed(jnp.asarray(timestep, dtype) * 1000,
+                                        None if guidance is None else jnp.asarray(guidance, dtype) * 1000)
+        ids = [i[0] if i.ndim == 3 else i for i in (txt_ids, img_ids)]
+        xp = jnp if any(isinstance(i, jax.core.Tracer) for i in ids) else np
+        rope = rope_tables(xp.concatenate(ids, axis=0), self.config.axes_dims_rope, self.config.rope_theta)
+        return Conditioning(temb, self.double_stream_modulation_img(temb), self.double_stream_modulation_txt(temb),
+                            self.single_stream_modulation(temb), rope)
+
+    def head(self, img: jax.Array, temb: jax.Array) -> jax.Array:
+        """Output norm and projection of the image tokens back to latent channels."""
+        return self.proj_out(self.norm_out(img, temb))
+
+    def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, timestep: jax.Array,
+                 img_ids, txt_ids, guidance: jax.Array | None = None) -> jax.Array:
+        """Velocity for image tokens (B, L_img, in_channels); same arguments as diffusers' forward."""
+        c = self.conditioning(timestep, img_ids, txt_ids, guidance)
+        img, txt = self.x_embedder(hidden_states), self.context_embedder(encoder_hidden_states)
+        for block in self.transformer_blocks:
+            img, txt = block(img, txt, c.mod_img, c.mod_txt, c.rope)
+        x = jnp.concatenate([txt, img], axis=1)
+        for block in self.single_transformer_blocks:
+            x = block(x, c.mod_single, c.rope)
+        return self.head(x[:, txt.shape[1]:], c.temb)
+
+
+def count_params(cfg: Flux2Config) -> int:
+    """Parameter count from abstract shapes (no memory allocated)."""
+    model = nnx.eval_shape(lambda: Flux2Transformer(cfg, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(v.get_value().shape)) for v in weights.base_params(model).values())
+
+
+def build(cfg: Flux2Config, precision: Precision = Precision(), seed: int = 0,
+          attention_backend: str | None = None) -> Flux2Transformer:
+    """A randomly initialised transformer (benchmarks, tests, training from scratch)."""
+    return Flux2Transformer(cfg, precision=precision, rngs=nnx.Rngs(seed), attention_backend=attention_backend)
+
+
+def load(path: str, precision: Precision = Precision(), attention_backend: str | None = None) -> Flux2Transformer:
+    """A ready transformer from a directory written by `python -m convert.flux2`."""
+    stored = weights.read_config(path, FAMILY)
+    cfg = Flux2Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    model = nnx.eval_shape(lambda: Flux2Transformer(cfg, precision=precision, rngs=nnx.Rngs(0),
+                                                    attention_backend=attention_backend))
+    return weights.restore(model, path)

@@ -1,0 +1,30 @@
+"""The benchmark runs end to end on the tiny preset and reports sane figures."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from iconface_jax import bench
+from iconface_jax.models import flux2
+
+
+def test_bench_tiny(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--preset", "tiny", "--shapes", "1x0,1x2", "--image-size", "64", "--text-len", "16",
+                       "--steps", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["kind"].split()[0], r["B"], r["R"]) for r in result["rows"]] == [
+        ("forward", 1, 0), ("train", 1, 0), ("forward", 1, 2), ("train", 1, 2)]
+    for row in result["rows"]:
+        assert np.isfinite(row["ms"]) and row["ms"] > 0 and 0 < row["mfu"] < 1
+    assert result["rows"][2]["tokens"] == 16 + 4 * 16
+    assert "samples/s" in capsys.readouterr().out
+
+
+def test_flop_formula_matches_design():
+    # DESIGN.md: linear 2 L x 122.6M x 25 blocks, attention 4 L^2 x 3072 x 25 for klein-base-4B.
+    cfg = flux2.PRESETS["klein-base-4b"]
+    lin, att = bench.model_flops(cfg, 512, 1024 * 5)
+    assert abs(lin / (2 * 5632 * 25) / 122.6e6 - 1) < 1e-3
+    assert att == 4 * 5632**2 * 3072 * 25
