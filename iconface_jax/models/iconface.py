@@ -1,0 +1,256 @@
+"""The IConFace model: the FLUX.2 backbone over [scene; degraded; references] plus two side pathways.
+
+Global identity pathway: an AdaFace anchor e_id -> phi_global -> psi_dbl / psi_sgl deltas of the image
+modulations (text untouched). Degraded structure pathway: a low-rank residual from the degraded tokens
+into the scene tokens, and a memory of learned-query-pooled degraded tokens (base and detail routes)
+that the scene tokens read through a gated low-rank cross-attention after every block. Every side
+output map or gate starts at zero, so the untrained model equals the backbone exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from iconface_jax import sequence
+from iconface_jax.models import flux2
+from iconface_jax.models.attention import attention
+from iconface_jax.models.layers import Linear, Precision, layer_norm
+
+# The paper's Table 3 rows: (input residual, identity modulation, memory routes).
+VARIANTS = {
+    "concat": (False, False, 0),
+    "struct": (True, False, 0),
+    "id": (True, True, 0),
+    "one_route": (True, True, 1),
+    "full": (True, True, 2),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class IConFaceConfig:
+    """Side-pathway hyper-parameters; the paper's choices where it gives them, ours (BUILD_NOTES.md) elsewhere."""
+
+    variant: str = "full"
+    id_dim: int = 512                 # AdaFace embedding size
+    id_temperature: float = 1.0       # T in w_r = softmax(log q_r / T)
+    residual_rank: int = 16           # rank of W_in
+    residual_scale: float = 1.0       # s_deg
+    memory_tokens: int = 256          # total over the routes (paper: 256)
+    memory_dim: int = 256             # width of the pooled memory tokens
+    pool_heads: int = 4
+    xattn_rank: int = 64              # width of the low-rank Q_l, K_l, V_l
+    xattn_heads: int = 2
+    t_scene: int = 0                  # RoPE t ids of the segments (DESIGN.md)
+    t_degraded: int = 2
+    t_reference: int = 10
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown IConFace variant {self.variant!r}; expected one of {sorted(VARIANTS)}")
+
+    @property
+    def use_residual(self) -> bool:
+        return VARIANTS[self.variant][0]
+
+    @property
+    def use_identity(self) -> bool:
+        return VARIANTS[self.variant][1]
+
+    @property
+    def memory_routes(self) -> int:
+        return VARIANTS[self.variant][2]
+
+
+# What the optimizer updates: the backbone's LoRA factors and every side-pathway parameter.
+trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("identity"), nnx.PathContains("structure"),
+                    nnx.PathContains("memory_xattn"))
+
+
+def identity_anchor(ref_embeddings: jax.Array, degraded_embedding: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """e_id (B, 512): the norm-weighted reference anchor, or the degraded image's direction when R = 0.
+
+    `ref_embeddings` are raw AdaFace features z_r (B, R, 512) (direction times norm); with
+    e_r = z_r / ||z_r||, q_r = ||z_r||: w = softmax(log q / T), e_ref = normalize(sum_r w_r e_r).
+    """
+    def normalize(v):
+        return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+    if ref_embeddings.shape[1] == 0:
+        return normalize(degraded_embedding.astype(jnp.float32))
+    z = ref_embeddings.astype(jnp.float32)
+    q = jnp.linalg.norm(z, axis=-1)
+    w = jax.nn.softmax(jnp.log(q) / temperature, axis=-1)
+    return normalize(jnp.einsum("br,brd->bd", w, z / q[..., None]))
+
+
+def _zeros_like_linear(layer: Linear) -> Linear:
+    layer.kernel.set_value(jnp.zeros_like(layer.kernel[...]))
+    return layer
+
+
+def smooth(tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    """A 3x3 binomial ([1, 2, 1] / 4 per axis) blur of (B, h*w, C) tokens on their grid, edges replicated."""
+    b, _, c = tokens.shape
+    x = tokens.reshape(b, *grid, c)
+    for axis in (1, 2):
+        padded = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), x,
+                                  jax.lax.slice_in_dim(x, x.shape[axis] - 1, x.shape[axis], axis=axis)], axis=axis)
+        n = x.shape[axis]
+        x = (jax.lax.slice_in_dim(padded, 0, n, axis=axis) + 2 * jax.lax.slice_in_dim(padded, 1, n + 1, axis=axis)
+             + jax.lax.slice_in_dim(padded, 2, n + 2, axis=axis)) / 4
+    return x.reshape(b, -1, c)
+
+
+def resize_tokens(tokens: jax.Array, grid: tuple[int, int], to: tuple[int, int]) -> jax.Array:
+    """Bilinear resize of (B, h*w, C) tokens from `grid` to `to` (identity when equal)."""
+    if tuple(grid) == tuple(to):
+        return tokens
+    b, _, c = tokens.shape
+    out = jax.image.resize(tokens.reshape(b, *grid, c).astype(jnp.float32), (b, *to, c), "bilinear")
+    return out.reshape(b, -1, c).astype(tokens.dtype)
+
+
+class Pooler(nnx.Module):
+    """Learned-query attention pooling of (B, L, D) tokens into (B, N, memory_dim) memory tokens."""
+
+    def __init__(self, dim: int, cfg: IConFaceConfig, num_queries: int, *, precision: Precision, rngs: nnx.Rngs):
+        self.heads, self.eps = cfg.pool_heads, 1e-6
+        self.queries = nnx.Param(jax.random.normal(rngs.params(), (num_queries, cfg.memory_dim), jnp.float32)
+                                 / math.sqrt(cfg.memory_dim))
+        self.to_k = Linear(dim, cfg.memory_dim, precision=precision, rngs=rngs)
+        self.to_v = Linear(dim, cfg.memory_dim, precision=precision, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = layer_norm(x, self.eps)
+        b = x.shape[0]
+        split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # noqa: E731
+        q = jnp.broadcast_to(self.queries[...].astype(x.dtype), (b, *self.queries.shape))
+        out = attention(split(q), split(self.to_k(x)), split(self.to_v(x)), backend="xla")
+        return out.reshape(b, -1, out.shape[-2] * out.shape[-1])
+
+
+class MemoryCrossAttention(nnx.Module):
+    """h + gamma * out(Attn(Q h, K M, V M)) with low-rank Q, K, V; gamma starts at zero."""
+
+    def __init__(self, dim: int, cfg: IConFaceConfig, *, precision: Precision, rngs: nnx.Rngs):
+        self.heads, self.eps = cfg.xattn_heads, 1e-6
+        self.to_q = Linear(dim, cfg.xattn_rank, precision=precision, rngs=rngs)
+        self.to_k = Linear(cfg.memory_dim, cfg.xattn_rank, precision=precision, rngs=rngs)
+        self.to_v = Linear(cfg.memory_dim, cfg.xattn_rank, precision=precision, rngs=rngs)
+        self.to_out = Linear(cfg.xattn_rank, dim, precision=precision, rngs=rngs)
+        self.gamma = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+    def __call__(self, h: jax.Array, memory: jax.Array) -> jax.Array:
+        split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # noqa: E731
+        out = attention(split(self.to_q(layer_norm(h, self.eps))), split(self.to_k(memory)),
+                        split(self.to_v(memory)), backend="xla")
+        out = self.to_out(out.reshape(*out.shape[:2], -1))
+        return h + (self.gamma[...] * out.astype(jnp.float32)).astype(h.dtype)
+
+
+class IdentityPathway(nnx.Module):
+    """e_id -> h_id = phi_global(e_id) -> (Delta_dbl (B, 6D), Delta_sgl (B, 3D)); psi maps start at zero."""
+
+    def __init__(self, dim: int, cfg: IConFaceConfig, *, precision: Precision, rngs: nnx.Rngs):
+        self.phi_global = Linear(cfg.id_dim, dim, precision=precision, rngs=rngs, use_bias=True)
+        self.psi_dbl = _zeros_like_linear(Linear(dim, 6 * dim, precision=precision, rngs=rngs))
+        self.psi_sgl = _zeros_like_linear(Linear(dim, 3 * dim, precision=precision, rngs=rngs))
+
+    def __call__(self, e_id: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = jax.nn.silu(self.phi_global(e_id))
+        return self.psi_dbl(h), self.psi_sgl(h)
+
+
+class StructurePathway(nnx.Module):
+    """Low-rank degraded-to-scene residual and the pooled degraded memory (one or two routes)."""
+
+    def __init__(self, dim: int, cfg: IConFaceConfig, *, precision: Precision, rngs: nnx.Rngs):
+        self.scale = cfg.residual_scale
+        self.w_in_down = Linear(dim, cfg.residual_rank, precision=precision, rngs=rngs) if cfg.use_residual else None
+        self.w_in_up = (_zeros_like_linear(Linear(cfg.residual_rank, dim, precision=precision, rngs=rngs))
+                        if cfg.use_residual else None)
+        routes = cfg.memory_routes
+        self.pool_base = (Pooler(dim, cfg, cfg.memory_tokens // max(routes, 1), precision=precision, rngs=rngs)
+                          if routes else None)
+        self.pool_detail = (Pooler(dim, cfg, cfg.memory_tokens // 2, precision=precision, rngs=rngs)
+                            if routes == 2 else None)
+
+    def residual(self, degraded: jax.Array, grid: tuple[int, int], scene_grid: tuple[int, int]) -> jax.Array:
+        """s_deg W_in(resize(x_deg)) to add to the embedded scene tokens."""
+        resized = resize_tokens(degraded, grid, scene_grid)
+        return self.scale * self.w_in_up(self.w_in_down(resized))
+
+    def memory(self, degraded: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        """M_deg = [P_b(x_deg); P_d(x_deg - smooth(x_deg))] (one route: P_b(x_deg) alone)."""
+        base = self.pool_base(degraded)
+        if self.pool_detail is None:
+            return base
+        return jnp.concatenate([base, self.pool_detail(degraded - smooth(degraded, grid))], axis=1)
+
+
+class IConFace(nnx.Module):
+    """Velocity of the scene tokens given degraded tokens, 0..N reference segments, text and e_id."""
+
+    def __init__(self, backbone: flux2.Flux2Transformer, cfg: IConFaceConfig, *, seed: int = 0):
+        self.backbone, self.config = backbone, cfg
+        # Side pathways are trained: float32 parameters, the backbone's compute dtype.
+        precision = Precision(jnp.float32, backbone.precision.dtype)
+        dim, rngs = backbone.config.hidden_size, nnx.Rngs(seed)
+        self.identity = IdentityPathway(dim, cfg, precision=precision, rngs=rngs) if cfg.use_identity else None
+        self.structure = (StructurePathway(dim, cfg, precision=precision, rngs=rngs)
+                          if cfg.use_residual or cfg.memory_routes else None)
+        n_blocks = backbone.config.num_layers + backbone.config.num_single_layers
+        self.memory_xattn = (nnx.List([MemoryCrossAttention(dim, cfg, precision=precision, rngs=rngs)
+                                       for _ in range(n_blocks)]) if cfg.memory_routes else None)
+
+    def __call__(self, scene: jax.Array, degraded: jax.Array, references: jax.Array, text: jax.Array,
+                 sigma: jax.Array, e_id: jax.Array | None = None, *, grid: tuple[int, int],
+                 degraded_grid: tuple[int, int] | None = None) -> jax.Array:
+        """Scene velocity (B, h*w, C).
+
+        scene (B, h*w, C) noisy latent tokens; degraded (B, h_d*w_d, C); references (B, R, h*w, C), R >= 0;
+        text (B, T, joint_dim); sigma (B,) in [0, 1]; e_id (B, id_dim) unit identity anchor (needed by the
+        variants with the identity pathway).
+        """
+        cfg, bb = self.config, self.backbone
+        degraded_grid = degraded_grid or grid
+        b, n_scene, n_refs = scene.shape[0], scene.shape[1], references.shape[1]
+        ids = [sequence.image_ids(cfg.t_scene, *grid), sequence.image_ids(cfg.t_degraded, *degraded_grid)]
+        ids += [sequence.image_ids(cfg.t_reference + r, *grid) for r in range(n_refs)]
+        c = bb.conditioning(sigma, np.concatenate(ids), sequence.text_ids(text.shape[1]))
+
+        tokens = jnp.concatenate([scene, degraded, references.reshape(b, -1, references.shape[-1])], axis=1)
+        img, txt = bb.x_embedder(tokens), bb.context_embedder(text)
+        n_deg = degraded.shape[1]
+        x_deg = img[:, n_scene:n_scene + n_deg]
+        if cfg.use_residual:
+            img = img.at[:, :n_scene].add(self.structure.residual(x_deg, degraded_grid, grid))
+        memory = self.structure.memory(x_deg, degraded_grid) if cfg.memory_routes else None
+
+        mod_img, mod_single = c.mod_img, ((txt.shape[1], c.mod_single), (img.shape[1], c.mod_single))
+        if cfg.use_identity:
+            if e_id is None:
+                raise ValueError(f"variant {cfg.variant!r} needs the identity anchor e_id")
+            d_dbl, d_sgl = self.identity(e_id)
+            mod_img = c.mod_img + d_dbl.astype(c.mod_img.dtype)
+            mod_single = ((txt.shape[1], c.mod_single), (img.shape[1], c.mod_single + d_sgl.astype(c.mod_single.dtype)))
+
+        def read_memory(block_index, h, start):
+            if memory is None:
+                return h
+            scene_h = self.memory_xattn[block_index](h[:, start:start + n_scene], memory)
+            return h.at[:, start:start + n_scene].set(scene_h)
+
+        for i, block in enumerate(bb.transformer_blocks):
+            img, txt = block(img, txt, mod_img, c.mod_txt, c.rope)
+            img = read_memory(i, img, 0)
+        n_txt = txt.shape[1]
+        x = jnp.concatenate([txt, img], axis=1)
+        for i, block in enumerate(bb.single_transformer_blocks):
+            x = block(x, mod_single, c.rope)
+            x = read_memory(len(bb.transformer_blocks) + i, x, n_txt)
+        return bb.head(x[:, n_txt:n_txt + n_scene], c.temb)

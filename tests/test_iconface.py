@@ -1,0 +1,127 @@
+"""IConFace pathways: hand-derivable cases (zero-init equals the backbone, no-reference mode, anchors)."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import rel_err
+from iconface_jax import sequence
+from iconface_jax.models import flux2, iconface, lora
+
+GRID = (4, 4)
+N = GRID[0] * GRID[1]
+CFG = iconface.IConFaceConfig(memory_tokens=8, memory_dim=16, pool_heads=2, xattn_rank=8, xattn_heads=2,
+                              residual_rank=4)
+
+
+def backbone():
+    return flux2.build(flux2.PRESETS["tiny"], seed=1)
+
+
+def inputs(refs: int, batch: int = 2, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    c = flux2.PRESETS["tiny"].in_channels
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    e_id = f(batch, 512)
+    return dict(scene=f(batch, N, c), degraded=f(batch, N, c), references=f(batch, refs, N, c),
+                text=f(batch, 6, flux2.PRESETS["tiny"].joint_attention_dim),
+                sigma=jnp.asarray([0.3, 0.8][:batch], jnp.float32), e_id=e_id / jnp.linalg.norm(e_id, axis=-1, keepdims=True))
+
+
+def backbone_reference(bb, x, refs):
+    """The plain backbone over the hybrid sequence [scene; degraded; refs], scene tokens of the output."""
+    b = x["scene"].shape[0]
+    tokens = jnp.concatenate([x["scene"], x["degraded"], x["references"].reshape(b, -1, x["scene"].shape[-1])], 1)
+    out = bb(tokens, x["text"], x["sigma"], sequence.image_segment_ids(*GRID, refs), sequence.text_ids(6))
+    return out[:, :N]
+
+
+@pytest.mark.parametrize("variant", sorted(iconface.VARIANTS))
+@pytest.mark.parametrize("refs", [0, 2])
+def test_untrained_model_is_the_backbone(variant, refs):
+    bb = backbone()
+    model = iconface.IConFace(bb, dataclasses.replace(CFG, variant=variant))
+    x = inputs(refs)
+    got = model(**x, grid=GRID)
+    want = backbone_reference(bb, x, refs)
+    assert got.shape == (2, N, 16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_no_reference_mode_has_no_reference_segment():
+    bb = backbone()
+    model = iconface.IConFace(bb, CFG)
+    perturb(model, seed=5)
+    x0, x1 = inputs(0), inputs(1)
+    x1 = dict(x1, **{k: x0[k] for k in ("scene", "degraded", "text", "sigma", "e_id")})
+    out0 = model(**x0, grid=GRID)
+    # Removing the reference tokens (not zeroing them) is what R = 0 means.
+    zero_ref = model(**dict(x1, references=jnp.zeros_like(x1["references"])), grid=GRID)
+    assert rel_err(out0, zero_ref) > 1e-4
+    assert rel_err(out0, model(**x1, grid=GRID)) > 1e-4
+    # References beyond what training used (R = 4) still run.
+    assert model(**inputs(4), grid=GRID).shape == (2, N, 16)
+
+
+def perturb(model, seed):
+    """Non-zero values for every side-pathway parameter (as after training)."""
+    rng = np.random.default_rng(seed)
+    for _, var in nnx.to_flat_state(nnx.state(model, iconface.trainable)):
+        var.set_value(jnp.asarray(0.05 * rng.standard_normal(var.get_value().shape), var.get_value().dtype))
+
+
+def test_every_side_pathway_learns_from_zero_init():
+    bb = backbone()
+    lora.add_lora(bb, 4, 4.0)
+    model = iconface.IConFace(bb, CFG)
+    x = inputs(2)
+    graphdef, params, rest = nnx.split(model, iconface.trainable, ...)
+
+    def loss(params):
+        return jnp.mean(nnx.merge(graphdef, params, rest)(**x, grid=GRID) ** 2)
+
+    grads = jax.grad(loss)(params)
+    flat = {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(grads)}
+    for name in ["identity.psi_dbl.kernel", "identity.psi_sgl.kernel", "structure.w_in_up.kernel",
+                 "memory_xattn.0.gamma", "memory_xattn.3.gamma"]:
+        assert np.abs(flat[name]).max() > 0, name
+    assert any(k.endswith("lora_b") and np.abs(v).max() > 0 for k, v in flat.items())
+
+
+def test_identity_anchor_hand_cases():
+    d = jnp.asarray([[3.0, 4.0, 0.0]])
+    np.testing.assert_allclose(iconface.identity_anchor(jnp.zeros((1, 0, 3)), d), [[0.6, 0.8, 0.0]], atol=1e-7)
+    one = jnp.asarray([[[0.0, 2.0, 0.0]]])
+    np.testing.assert_allclose(iconface.identity_anchor(one, d), [[0.0, 1.0, 0.0]], atol=1e-7)
+    # softmax(log q / 1) = q / sum q: norms 2 and 6 weigh the directions 1/4 and 3/4.
+    two = jnp.asarray([[[2.0, 0.0, 0.0], [0.0, 6.0, 0.0]]])
+    want = np.asarray([0.25, 0.75, 0.0]) / np.linalg.norm([0.25, 0.75])
+    np.testing.assert_allclose(iconface.identity_anchor(two, d)[0], want, atol=1e-6)
+    # T -> large: plain average of directions.
+    np.testing.assert_allclose(iconface.identity_anchor(two, d, temperature=1e6)[0], [2**-0.5, 2**-0.5, 0], atol=1e-5)
+
+
+def test_smooth_keeps_constants_and_detail_route_sees_edges():
+    const = jnp.ones((1, 16, 3))
+    np.testing.assert_allclose(iconface.smooth(const, (4, 4)), const, atol=1e-7)
+    ramp = jnp.arange(16.0).reshape(1, 16, 1)
+    assert float(jnp.abs(ramp - iconface.smooth(ramp, (4, 4))).max()) > 0
+
+
+def test_different_degraded_grid_is_resized():
+    bb = backbone()
+    model = iconface.IConFace(bb, CFG)
+    perturb(model, seed=2)
+    x = inputs(1)
+    small = x["degraded"].reshape(2, 4, 4, -1)[:, ::2, ::2].reshape(2, 4, -1)
+    assert model(**dict(x, degraded=small), grid=GRID, degraded_grid=(2, 2)).shape == (2, N, 16)
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="variant"):
+        iconface.IConFaceConfig(variant="two_route")
