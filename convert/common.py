@@ -92,7 +92,8 @@ def materialise(reader: Reader, plan: dict[str, Entry], dtype: np.dtype, desc: s
     out = {}
     for name, entry in tqdm(plan.items(), desc=desc, unit="tensor", file=sys.stderr, mininterval=1.0):
         arrays = [reader.read(k) for k in entry.keys]
-        if not all(np.issubdtype(a.dtype, np.floating) for a in arrays):
+        # ml_dtypes.bfloat16 is not a numpy floating subtype, so test the kind.
+        if not all(a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16 for a in arrays):
             info = reader.infos[entry.keys[0]]
             raise ConversionError(f"{info.path}: tensor {entry.keys[0]!r} is {info.dtype}, expected floating point")
         out[name] = np.ascontiguousarray(entry.transform(*[a.astype(np.float32) for a in arrays]).astype(dtype))
@@ -111,17 +112,23 @@ def convert(src: str, dst: str, dtype: np.dtype, family: str,
     weights.save(dst, family, config, params)
 
 
-def cli(description: str, convert_fn: Callable[[str, str, np.dtype], None], argv: Sequence[str] | None,
-        default_dtype: str = "bf16") -> int:
-    """The converters' shared command line: `--src PATH --dst DIR [--dtype bf16|float32]`."""
+def cli(description: str, convert_fn: Callable[..., None], argv: Sequence[str] | None,
+        default_dtype: str = "bf16", flags: Sequence[tuple[str, str]] = ()) -> int:
+    """The converters' shared command line: `--src PATH --dst DIR [--dtype bf16|float32]`.
+
+    `flags` adds boolean options as (flag, help); each is passed to `convert_fn` as a keyword argument.
+    """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--src", required=True, help="source checkpoint: safetensors file or directory")
+    parser.add_argument("--src", required=True, help="source checkpoint: file or directory")
     parser.add_argument("--dst", required=True, help="output directory (must not exist)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype, help="stored parameter dtype")
+    for flag, help_text in flags:
+        parser.add_argument(flag, action="store_true", help=help_text)
     args = parser.parse_args(argv)
+    extra = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_")) for flag, _ in flags}
     start = time.perf_counter()
     try:
-        convert_fn(args.src, args.dst, np.dtype(DTYPES[args.dtype]))
+        convert_fn(args.src, args.dst, np.dtype(DTYPES[args.dtype]), **extra)
     except (ConversionError, weights.WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

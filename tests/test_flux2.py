@@ -212,6 +212,16 @@ def test_converter_errors(torch_model, converted, tmp_path, capsys):
     assert sorted(os.listdir(existing)) == before
 
 
+def test_bf16_checkpoint_converts(torch_model, tmp_path):
+    src = tmp_path / "bf16"
+    torch_model.to(torch.bfloat16).save_pretrained(src)
+    torch_model.float()
+    assert convert_flux2.main(["--src", str(src), "--dst", str(tmp_path / "out"), "--dtype", "bf16"]) == 0
+    model = flux2.load(str(tmp_path / "out"))
+    want = torch_model.state_dict()["transformer_blocks.0.attn.to_q.weight"].to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(np.asarray(model.transformer_blocks[0].attn.to_q.kernel[...]).T, want)
+
+
 def test_converted_config_round_trips(converted):
     with open(converted / "jax_bfl" / "config.json") as f:
         meta = json.load(f)
