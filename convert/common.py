@@ -66,11 +66,12 @@ class Entry:
     keys: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     transform: Callable[..., np.ndarray] = lambda x: x
+    dtype: np.dtype | None = None  # stored dtype when it must not follow --dtype (e.g. float32 statistics)
 
 
-def check_plan(reader: Reader, plan: dict[str, Entry]) -> None:
-    """Every source tensor is present, used and of the expected shape, before any data is read."""
-    used = {k for e in plan.values() for k in e.keys}
+def check_plan(reader: Reader, plan: dict[str, Entry], ignore: Sequence[str] = ()) -> None:
+    """Every source tensor is present, used (or ignored) and of the expected shape, before any data is read."""
+    used = {k for e in plan.values() for k in e.keys} | set(ignore)
     missing = [k for k in sorted(used) if k not in reader.infos]
     if missing:
         where = ", ".join(sorted({i.path for i in reader.infos.values()}))
@@ -96,18 +97,22 @@ def materialise(reader: Reader, plan: dict[str, Entry], dtype: np.dtype, desc: s
         if not all(a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16 for a in arrays):
             info = reader.infos[entry.keys[0]]
             raise ConversionError(f"{info.path}: tensor {entry.keys[0]!r} is {info.dtype}, expected floating point")
-        out[name] = np.ascontiguousarray(entry.transform(*[a.astype(np.float32) for a in arrays]).astype(dtype))
+        stored = dtype if entry.dtype is None else entry.dtype
+        out[name] = np.ascontiguousarray(entry.transform(*[a.astype(np.float32) for a in arrays]).astype(stored))
     return out
 
 
 def convert(src: str, dst: str, dtype: np.dtype, family: str,
-            plan_fn: Callable[[Reader], tuple[dict, dict[str, Entry]]]) -> None:
-    """Plans, checks, streams and writes one conversion; on error nothing is written."""
+            plan_fn: Callable[[Reader], tuple[dict, dict[str, Entry]]], ignore: Sequence[str] = ()) -> None:
+    """Plans, checks, streams and writes one conversion; on error nothing is written.
+
+    `ignore` names source tensors to skip (training bookkeeping such as BatchNorm's step counter).
+    """
     if os.path.exists(dst):
         raise ConversionError(f"destination {dst} already exists; remove it or choose another path")
     reader = open_source(src)
     config, plan = plan_fn(reader)
-    check_plan(reader, plan)
+    check_plan(reader, plan, ignore)
     params = materialise(reader, plan, dtype, desc=f"converting {os.path.basename(src.rstrip('/'))}")
     weights.save(dst, family, config, params)
 

@@ -145,7 +145,7 @@ def _find(src: str) -> tuple[str, str | None]:
         return src, None
 
 
-def plan(reader: Reader, config_path: str | None) -> tuple[vae.VAEConfig, dict[str, common.Entry]]:
+def plan(reader: Reader, config_path: str | None) -> tuple[dict, dict[str, common.Entry]]:
     """The config and one `Entry` per model variable, named after the detected layout (diffusers or BFL)."""
     keys = reader.infos
     if "encoder.down_blocks.0.resnets.0.conv1.weight" in keys:
@@ -174,26 +174,18 @@ def plan(reader: Reader, config_path: str | None) -> tuple[vae.VAEConfig, dict[s
             entry = common.Entry((name(path + ".weight"),), ((shape[1], shape[0]),), lambda w: w.T)
         elif leaf == "scale":
             entry = common.Entry((name(path + ".weight"),), (shape,))
-        else:  # bias, running_mean, running_var
+        elif isinstance(var, nnx.BatchStat):  # latent statistics stay float32 whatever --dtype says
+            entry = common.Entry((name(key),), (shape,), dtype=np.dtype(np.float32))
+        else:  # bias
             entry = common.Entry((name(key),), (shape,))
         out[key] = entry
-    return config, out
+    return config.to_dict(), out
 
 
 def convert(src: str, dst: str, dtype: np.dtype) -> None:
     """Checks the whole source against the model before reading data; writes `dst` atomically or not at all."""
-    if os.path.exists(dst):
-        raise common.ConversionError(f"destination {dst} already exists; remove it or choose another path")
     path, config_path = _find(src)
-    reader = common.open_source(path)
-    config, entries = plan(reader, config_path)
-    checked = Reader({k: v for k, v in reader.infos.items() if k not in IGNORED})
-    common.check_plan(checked, entries)
-    stats = {k: e for k, e in entries.items() if k.startswith("bn.")}
-    rest = {k: e for k, e in entries.items() if k not in stats}
-    desc = f"converting {os.path.basename(path.rstrip('/'))}"
-    params = common.materialise(reader, rest, dtype, desc) | common.materialise(reader, stats, np.float32, desc)
-    weights.save(dst, vae.FAMILY, config.to_dict(), params)
+    common.convert(path, dst, dtype, vae.FAMILY, lambda reader: plan(reader, config_path), ignore=IGNORED)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,9 +36,9 @@ def named_params(model: nnx.Module, wanted: Any = nnx.Param) -> dict[str, nnx.Va
     return out
 
 
-def base_params(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """The frozen base weights: plain `nnx.Param`s, not LoRA factors or other trainable subclasses."""
-    return {k: v for k, v in named_params(model).items() if type(v) is nnx.Param}
+def base_params(model: nnx.Module, kinds: tuple[type, ...] = (nnx.Param,)) -> dict[str, nnx.Variable]:
+    """The stored weights: variables of exactly these types (so LoRA factors, a Param subclass, are not)."""
+    return {k: v for k, v in named_params(model, nnx.Variable).items() if type(v) in kinds}
 
 
 def save(dst: str, family: str, config: Mapping[str, Any], params: Mapping[str, np.ndarray]) -> None:
@@ -76,9 +76,9 @@ def read_config(src: str, family: str) -> dict[str, Any]:
     return meta["config"]
 
 
-def restore(model: nnx.Module, src: str) -> nnx.Module:
-    """Fills the model's base parameters from `src`, casting to each parameter's dtype."""
-    targets = base_params(model)
+def restore(model: nnx.Module, src: str, kinds: tuple[type, ...] = (nnx.Param,)) -> nnx.Module:
+    """Fills the model's variables of types `kinds` from `src`, casting to each variable's dtype."""
+    targets = base_params(model, kinds)
     stored = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(src), PARAMS_DIR))
     stored = stored.item_metadata.tree
     missing = sorted(set(targets) - set(stored))

@@ -341,13 +341,7 @@ def load(src: str, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float
     """The VAE stored in the converted directory `src`; `overrides` replace config fields (`remat_decoder`)."""
     config = dataclasses.replace(VAEConfig.from_dict(weights.read_config(src, FAMILY)), **overrides)
     model = abstract(config, dtype=dtype, param_dtype=param_dtype)
-    targets = weights.named_params(model, (nnx.Param, nnx.BatchStat))
-    # weights.restore fills plain nnx.Params only; restore a flat stand-in holding every variable as a Param.
-    stand_in = {k: nnx.Param(v.get_value()) for k, v in targets.items()}
-    weights.restore(stand_in, src)
-    for key, var in targets.items():
-        var.set_value(stand_in[key].get_value())
-    return model
+    return weights.restore(model, src, kinds=(nnx.Param, nnx.BatchStat))
 
 
 def patchify(latents: jax.Array, patch: tuple[int, int] = (2, 2)) -> jax.Array:
