@@ -1,0 +1,346 @@
+"""Face dataset sources and image decoding with bad-input handling.
+
+A source has `records` (one per training target: the target image's key, the keys of the
+same-identity images that may serve as its references, and an optional given degraded image),
+`fetch(key)` (a path, encoded bytes or a decoded array) and `issues` (what was skipped while
+indexing, by kind). Sources here:
+
+- `FFHQRefSource`: FFHQ-Ref as released with ReF-LDM, `reference_mapping/*_references.csv` rows of
+  `gt_image`, optional `lq_image` and `ref_image` (a Python list literal), resolved against image
+  directories (flat, or FFHQ's `images1024x1024/<thousands>/` layout), optionally restricted to an
+  identity-disjoint split file (`id_based_ffhq_split/*.txt`).
+- `FolderSource`: `root/<identity>/*.{png,jpg,jpeg,webp}`; references are the identity's other images.
+- `TfdsSource`: a TFDS dataset read through `tfds.data_source` (ArrayRecord, local or on GCS);
+  needs the optional `tensorflow-datasets` extra.
+- `synthetic.SyntheticSource`: procedurally drawn identities (the CPU demo and the tests).
+
+Bad inputs never stop a run and are never silent. Indexing skips CSV rows naming missing files and
+targets with no usable reference, counting them in `issues` and logging one warning per source.
+`decode` converts what has a right conversion (grayscale, palette, RGBA/LA over white, 16-bit, CMYK
+-> RGB uint8) and raises `ImageError` (kind `unreadable` or `too_small`) for corrupt, truncated,
+unsupported or tiny images; the pipeline counts those, logs them and substitutes deterministically.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import io
+import logging
+import os
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+ISSUE_KINDS = ("unreadable", "too_small", "converted")  # counted per image read by the pipeline
+
+Key = Hashable  # a path (str) or an index (int), whatever the source's `fetch` takes
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One training target: its image, its candidate references (distinct, never the target) and an
+    optional given degraded image."""
+
+    gt: Key
+    refs: tuple[Key, ...]
+    lq: Key | None = None
+
+
+class Source(Protocol):
+    """What the pipeline needs from a dataset."""
+
+    records: Sequence[Record]
+    issues: dict[str, int]
+
+    def fetch(self, key: Key) -> str | bytes | np.ndarray:
+        """The image behind `key`: a file path, encoded bytes or a uint8 array."""
+
+
+class ImageError(Exception):
+    """An image the pipeline cannot use; `kind` is `unreadable` or `too_small`."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode(data: str | bytes | np.ndarray, resolution: int, min_side: int) -> tuple[np.ndarray, bool]:
+    """Decode to a (resolution, resolution, 3) uint8 RGB image, centre-cropped to a square.
+
+    Returns the image and whether a mode conversion happened (grayscale, alpha, 16-bit, palette,
+    CMYK). Raises `ImageError` for unreadable data or a shorter side below `min_side`.
+    """
+    if isinstance(data, np.ndarray):
+        rgb, converted = _array_to_rgb(data)
+    else:
+        rgb, converted = _decode_file(data, resolution)
+    h, w = rgb.shape[:2]
+    if min(h, w) < min_side:
+        raise ImageError("too_small", f"{w}x{h} is below the minimum side {min_side}")
+    return square_resize(rgb, resolution), converted
+
+
+def _decode_file(data: str | bytes, resolution: int) -> tuple[np.ndarray, bool]:
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            # 48-bit RGB PNGs open as 8-bit RGB (Pillow keeps the high byte): a conversion all the same.
+            deep = any(";16" in str(tile[3]) for tile in img.tile)
+            # JPEG can decode straight to a power-of-two reduction no smaller than the target.
+            img.draft("RGB", (resolution, resolution))
+            img.load()  # raises on truncated data, unlike OpenCV, which pads silently
+            rgb, converted = _pil_to_rgb(ImageOps.exif_transpose(img))
+            return rgb, converted or deep
+    except ImageError:
+        raise
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
+        raise ImageError("unreadable", f"{type(e).__name__}: {e}") from None
+
+
+def _pil_to_rgb(img: Image.Image) -> tuple[np.ndarray, bool]:
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img), False
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        # Composite over white: the colour under transparent pixels is arbitrary.
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB")), True
+    if mode.startswith("I") or mode == "F":
+        return _array_to_rgb(np.asarray(img))
+    if mode in ("L", "P", "1", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(img.convert("RGB")), True
+    raise ImageError("unreadable", f"unsupported image mode {mode}")
+
+
+def _array_to_rgb(a: np.ndarray) -> tuple[np.ndarray, bool]:
+    """uint8/uint16/int32 arrays of shape (H, W), (H, W, 1|3|4) to RGB uint8."""
+    converted = False
+    if a.dtype != np.uint8:
+        if a.dtype.kind not in "ui":
+            raise ImageError("unreadable", f"unsupported sample type {a.dtype}")
+        # 16-bit samples (PIL's 32-bit 'I' mode also holds 16-bit data) to 8 bits, rounded.
+        top = 65535.0 if a.dtype == np.uint16 or a.max(initial=0) > 255 else 255.0
+        a = np.clip(np.rint(a.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+        converted = True
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4):
+        raise ImageError("unreadable", f"unsupported array shape {a.shape}")
+    if a.shape[2] in (2, 4):  # alpha over white
+        alpha = a[..., -1:].astype(np.float32) / 255.0
+        a = np.rint(a[..., :-1] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        converted = True
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+        converted = True
+    return np.ascontiguousarray(a), converted
+
+
+def square_resize(img: np.ndarray, resolution: int) -> np.ndarray:
+    """Centre-crop to a square and resize (area when shrinking, bicubic when enlarging)."""
+    h, w = img.shape[:2]
+    if h != w:
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        img = img[top:top + s, left:left + s]
+    if img.shape[0] == resolution:
+        return img
+    flag = cv2.INTER_AREA if img.shape[0] > resolution else cv2.INTER_CUBIC
+    return cv2.resize(img, (resolution, resolution), interpolation=flag)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _report(name: str, issues: Counter, kept: int) -> dict[str, int]:
+    """Log what indexing skipped (one warning per source) and return the counts."""
+    if issues:
+        logger.warning("%s: kept %d targets; skipped or dropped: %s", name, kept,
+                       ", ".join(f"{k} {v}" for k, v in sorted(issues.items())))
+    return dict(issues)
+
+
+def _stem(name: str) -> str:
+    return os.path.splitext(os.path.basename(name.strip()))[0]
+
+
+def _split_stems(path: str) -> set[str]:
+    with open(path) as f:
+        return {_stem(line) for line in f if line.strip()}
+
+
+class FFHQRefSource:
+    """FFHQ-Ref reference-mapping CSV (`gt_image`, optional `lq_image`, `ref_image` list literal).
+
+    `image_dir` holds the targets and (unless `ref_dir` is given) the references; `lq_dir` the given
+    degraded images. A name missing there is also looked up in FFHQ's nested layout
+    (`00000.png` -> `00000/00000.png`, `01234.png` -> `01000/01234.png`). With `split_file`, only
+    targets and references listed there are kept (identity-disjoint training).
+    """
+
+    def __init__(self, csv_path: str, image_dir: str, lq_dir: str = "", ref_dir: str = "",
+                 split_file: str = ""):
+        self.csv_path = csv_path
+        split = _split_stems(split_file) if split_file else None
+        issues: Counter = Counter()
+        self.records: list[Record] = []
+        with open(csv_path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing_cols = {"gt_image", "ref_image"} - set(reader.fieldnames or ())
+            if missing_cols:
+                raise ValueError(f"{csv_path}: missing column(s) {sorted(missing_cols)}")
+            for row in reader:
+                record = self._parse(row, image_dir, lq_dir, ref_dir or image_dir, split, issues)
+                if record is not None:
+                    self.records.append(record)
+        self.issues = _report(f"FFHQ-Ref {csv_path}", issues, len(self.records))
+
+    @staticmethod
+    def _resolve(name: str, directory: str) -> str | None:
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+        stem = _stem(name)
+        if stem.isdigit():
+            nested = os.path.join(directory, f"{int(stem) // 1000 * 1000:05d}", os.path.basename(name))
+            if os.path.isfile(nested):
+                return nested
+        return None
+
+    def _parse(self, row: dict[str, Any], image_dir: str, lq_dir: str, ref_dir: str,
+               split: set[str] | None, issues: Counter) -> Record | None:
+        gt_name = (row.get("gt_image") or "").strip()
+        try:
+            ref_names = ast.literal_eval(row.get("ref_image") or "[]")
+            if isinstance(ref_names, str):
+                ref_names = [ref_names]
+            ref_names = [str(r) for r in ref_names]
+        except (ValueError, SyntaxError):
+            issues["malformed_row"] += 1
+            return None
+        if not gt_name:
+            issues["malformed_row"] += 1
+            return None
+        if split is not None and _stem(gt_name) not in split:
+            issues["outside_split"] += 1
+            return None
+        gt = self._resolve(gt_name, image_dir)
+        if gt is None:
+            issues["missing_file"] += 1
+            return None
+        refs: list[str] = []
+        for name in ref_names:
+            if split is not None and _stem(name) not in split:
+                issues["reference_outside_split"] += 1
+                continue
+            path = self._resolve(name, ref_dir)
+            if path is None:
+                issues["missing_file"] += 1
+            elif path == gt or path in refs:
+                issues["duplicate_reference"] += 1
+            else:
+                refs.append(path)
+        if not refs:
+            issues["no_usable_reference"] += 1
+            return None
+        lq = None
+        lq_name = (row.get("lq_image") or "").strip()
+        if lq_name and lq_dir:
+            lq = self._resolve(lq_name, lq_dir)
+            if lq is None:
+                issues["missing_file"] += 1
+        return Record(gt=gt, refs=tuple(refs), lq=lq)
+
+    def fetch(self, key: Key) -> str:
+        """The file path (records hold resolved paths)."""
+        return str(key)
+
+
+class FolderSource:
+    """One folder per identity: `root/<identity>/*.{png,jpg,jpeg,webp}` (sorted, case-insensitive
+    extensions). Every image is a target whose references are the identity's other images; an
+    identity with a single image has no usable reference and is skipped (counted)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"folder source: {root} is not a directory")
+        issues: Counter = Counter()
+        self.records: list[Record] = []
+        for identity in sorted(os.listdir(root)):
+            folder = os.path.join(root, identity)
+            if not os.path.isdir(folder):
+                continue
+            images = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
+                      if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n))]
+            if len(images) < 2:
+                issues["no_usable_reference"] += len(images)
+                continue
+            self.records += [Record(gt=p, refs=tuple(q for q in images if q != p)) for p in images]
+        self.issues = _report(f"folder {root}", issues, len(self.records))
+
+    def fetch(self, key: Key) -> str:
+        """The file path."""
+        return str(key)
+
+
+class TfdsSource:
+    """A TFDS dataset with an image feature and an identity label, read through `tfds.data_source`
+    (random access over ArrayRecord files, local or `gs://`).
+
+    Indexing reads every example's label once (images are not decoded: `SkipDecoding`), so it costs
+    one pass over the data; identities with a single image are skipped (counted). Needs
+    `pip install "iconface-jax[tfds]"`.
+    """
+
+    def __init__(self, name: str, split: str = "train", data_dir: str = "", image_key: str = "image",
+                 identity_key: str = "identity"):
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self.image_key, self.identity_key = image_key, identity_key
+        self._source = None
+        source = self._open()
+        groups: dict[str, list[int]] = {}
+        for i in range(len(source)):
+            label = source[i][identity_key]
+            label = label.decode() if isinstance(label, bytes) else str(np.asarray(label).item())
+            groups.setdefault(label, []).append(i)
+        issues: Counter = Counter()
+        self.records: list[Record] = []
+        for label in sorted(groups):
+            idx = groups[label]
+            if len(idx) < 2:
+                issues["no_usable_reference"] += 1
+                continue
+            self.records += [Record(gt=i, refs=tuple(j for j in idx if j != i)) for i in idx]
+        self.issues = _report(f"TFDS {name}[{split}]", issues, len(self.records))
+
+    def _open(self) -> Any:
+        if self._source is None:
+            try:
+                import tensorflow_datasets as tfds  # optional extra
+            except ImportError as e:
+                raise ImportError('the TFDS source needs `pip install "iconface-jax[tfds]"`') from e
+            self._source = tfds.data_source(
+                self.name, split=self.split, data_dir=self.data_dir or None,
+                decoders={self.image_key: tfds.decode.SkipDecoding()})
+        return self._source
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Worker processes reopen the data source rather than pickling file handles.
+        return {**self.__dict__, "_source": None}
+
+    def fetch(self, key: Key) -> bytes | np.ndarray:
+        """The encoded image bytes (or an array, if the dataset stores decoded images)."""
+        value = self._open()[int(key)][self.image_key]
+        return value if isinstance(value, bytes) else np.asarray(value)
