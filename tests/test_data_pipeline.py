@@ -319,20 +319,21 @@ def test_default_config_and_sources(tmp_path):
         pipeline.make_source(c)
 
 
-def test_to_global_lays_out_host_batches_on_the_mesh():
+def test_host_batches_assemble_on_the_mesh():
     """Four simulated CPU devices (a subprocess: the device count is fixed at JAX start-up)."""
     code = textwrap.dedent("""
         import jax, numpy as np
+        from iconface_jax import sharding
         from iconface_jax.data import pipeline
         c = pipeline.default_config()
         c.resolution, c.num_workers, c.synthetic.num_identities = 16, 0, 20
         it = pipeline.make_iterator(c, global_batch_size=4)
-        mesh = jax.make_mesh((4,), ("data",))
+        mesh = sharding.make_mesh(data=2, fsdp=2)
         seen = set()
         for _ in range(12):
             batch = next(it)
             seen.add(batch["refs"].shape[1])
-            arrays = pipeline.to_global(batch, mesh)
+            arrays = sharding.global_batch(batch, mesh)
             for k, v in batch.items():
                 assert arrays[k].shape == v.shape, k
                 assert len(arrays[k].sharding.device_set) == 4

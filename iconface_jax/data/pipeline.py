@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -325,18 +324,3 @@ def make_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int, 
                           seed=config.seed if seed is None else seed, global_batch=global_batch_size,
                           process_index=process_index, process_count=process_count)
     return FaceIterator(samples, config)
-
-
-def to_global(batch: dict[str, np.ndarray], mesh: Any, batch_axes: str | Sequence[str] = "data") -> dict[str, Any]:
-    """Assemble every process's batch into global `jax.Array`s sharded over `batch_axes` of `mesh`.
-
-    Row blocks follow the mesh's device order; the plan makes each process's rows its own block of
-    the global batch, so the global batch is the same whatever the process count. The per-process
-    batch must divide evenly over the process's devices along `batch_axes`.
-    """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-    sharding = NamedSharding(mesh, PartitionSpec(axes))  # shards axis 0 of arrays of any rank
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
