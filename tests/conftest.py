@@ -1,12 +1,18 @@
 """Shared test helpers: the relative-error metric and the location of ../shared."""
 from __future__ import annotations
 
+import json
+import os
 import pathlib
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import pytest
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 
 
 def rel_err(a, b) -> float:
@@ -21,3 +27,44 @@ def shared_dir() -> pathlib.Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (the project's shared test data lives beside the checkout)")
     return SHARED
+
+
+# --- trainer runs (tests/test_train.py, tests/test_restore.py) ---
+
+# A toy run: 32 px images (16 tokens per segment), references 0 or 1 only (two compiled shapes).
+TOY = ["--config.data.resolution=32", "--config.train.batch_size=4", "--config.data.synthetic.num_identities=40",
+       "--config.data.ref_count_probs=(0.5,0.5,0.0,0.0)", "--config.log.every=1", "--config.log.sample_every=1000",
+       "--config.train.warmup_steps=2", "--config.log.keep=3"]
+# Subprocesses share compiled executables: the same toy programs compile once per test session.
+CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "iconface_test_jax_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def env_with(**extra) -> dict[str, str]:
+    """The environment of a trainer subprocess: CPU, the shared compilation cache, `extra`."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", **CACHE, **extra)
+
+
+def run_train(workdir, *overrides, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
+    """`python -m iconface_jax.train` on the demo config at toy size, with `overrides`."""
+    cmd = [sys.executable, "-m", "iconface_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
+           f"--config.workdir={workdir}", *TOY, *overrides]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env=env_with(**(env or {})))
+    if check and out.returncode != 0:
+        raise AssertionError(f"trainer failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def losses(workdir) -> dict[int, float]:
+    """step -> loss from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """Six uninterrupted toy steps (the resume test's reference and the restore tests' model)."""
+    path = tmp_path_factory.mktemp("toy_run")
+    run_train(path, "--config.train.steps=6", "--config.log.checkpoint_every=100")
+    return path

@@ -1,0 +1,44 @@
+"""The paper's setup: IConFace on FLUX.2-klein-base-4B, LoRA rank 16, 512 px, FFHQ-Ref, 0-3 references.
+
+Paths are overridable fields; convert the weights first (README). Run one Table 3 row with
+`--config configs/iconface_klein4b.py:struct` (concat | struct | id | one_route | full).
+Where the paper is silent (batch, steps, learning rate, lambda_id, lambda_h, EMA) the values are ours;
+BUILD_NOTES.md says why.
+"""
+import ml_collections
+
+from iconface_jax.data import pipeline
+
+
+def get_config(variant: str = "full") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = f"runs/iconface_klein4b_{variant}"
+    c.seed = 42
+
+    c.model = ml_collections.ConfigDict()
+    c.model.weights = "weights/klein-base-4b"  # python -m convert.flux2 --src .../transformer --dst ...
+    c.model.backbone = ml_collections.ConfigDict(dict(preset="klein-base-4b"))
+    c.model.precision = "bf16"
+    c.model.attention = ""
+    c.model.lora = ml_collections.ConfigDict(dict(rank=16, alpha=16.0, feed_forward=False))
+    c.model.train_base = False
+    c.model.iconface = ml_collections.ConfigDict(dict(variant=variant))
+    c.model.autoencoder = ml_collections.ConfigDict(dict(kind="vae", factor=8, weights="weights/flux2-vae"))
+    c.model.face_encoder = ml_collections.ConfigDict(dict(
+        weights="weights/adaface-ir50", units=(3, 4, 14, 3), channels=(64, 128, 256, 512)))  # shape used without weights
+    c.model.text = ml_collections.ConfigDict(dict(embeddings="weights/restore_prompt.npz", length=512))
+
+    c.data = pipeline.default_config()
+    c.data.source = "ffhq_ref"
+    c.data.ffhq_ref.csv = "data/FFHQ-Ref/reference_mapping/train_references.csv"
+    c.data.ffhq_ref.image_dir = "data/FFHQ-Ref/images512"
+    c.data.ffhq_ref.split_file = "data/FFHQ-Ref/id_based_ffhq_split/train.txt"
+
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=16, steps=30000, learning_rate=1e-4, warmup_steps=500, weight_decay=0.01, grad_clip=1.0,
+        ema_decay=0.999, lambda_id=0.1, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
+        sigma_mean=0.0, sigma_std=1.0, sigma_shift=3.0, max_nonfinite=10, stop_at=0))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.log = ml_collections.ConfigDict(dict(every=50, checkpoint_every=1000, keep=3, sample_every=1000,
+                                           sample_count=4, sample_steps=12, guidance=4.0))
+    return c

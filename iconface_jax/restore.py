@@ -1,0 +1,172 @@
+"""Restoration with or without references: `restore()` and `python -m iconface_jax.restore`.
+
+    python -m iconface_jax.restore --checkpoint WORKDIR --input deg.png [--ref a.png ...] --output out.png
+    python -m iconface_jax.restore --checkpoint WORKDIR --input-dir DIR [--ref-dir REFS] --output-dir OUT
+    python -m iconface_jax.restore --checkpoint WORKDIR --csv test_references.csv --image-dir IMGS --output-dir OUT
+
+Aligned face crops of any size are resized to the model's resolution, and the result back to the input's.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import json
+import os
+import sys
+from functools import partial
+
+import cv2
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+
+from iconface_jax import checkpointing, sampling
+from iconface_jax import system as face_system
+from iconface_jax.data import sources
+from iconface_jax.system import FaceSystem, grid_of
+
+
+def restore(system: FaceSystem, degraded: jax.Array, references: jax.Array, key: jax.Array,
+            steps: int = 12, guidance: float = 4.0) -> jax.Array:
+    """Restored images (B, H, W, 3) in [-1, 1] from degraded (B, H, W, 3) and references (B, R, H, W, 3)."""
+    b, h, w, _ = degraded.shape
+    x_deg, x_refs = system.encode(degraded), system.encode(references)
+    grid = grid_of(h, w, x_deg.shape[1])
+    e_id = system.anchor(degraded, references)
+    text = jnp.concatenate([jnp.broadcast_to(system.prompt[...], (b, *system.prompt.shape)),
+                            jnp.broadcast_to(system.empty[...], (b, *system.empty.shape))]).astype(x_deg.dtype)
+    twice = lambda x: jnp.concatenate([x, x])  # noqa: E731 (both guidance branches see the same images)
+
+    def velocity(z2, sigma2):
+        return system.model(z2, twice(x_deg), twice(x_refs), text, sigma2, twice(e_id), grid=grid)
+
+    noise = jax.random.normal(key, x_deg.shape, jnp.float32)
+    z0 = sampling.sample(velocity, noise, sampling.schedule(steps, x_deg.shape[1]), guidance)
+    return jnp.clip(system.decode(z0, h, w), -1.0, 1.0)
+
+
+def load(workdir: str, prefer_ema: bool = True) -> tuple[FaceSystem, ml_collections.ConfigDict, int]:
+    """The trained system of a training workdir (its config.json and latest checkpoint), and its step."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} is not a training workdir: {path} is missing")
+    with open(path) as f:
+        cfg = ml_collections.ConfigDict(json.load(f))
+    system = face_system.build(cfg)
+    graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
+    step, params = checkpointing.Checkpoints(workdir, keep=1).restore_params(abstract, prefer_ema)
+    return nnx.merge(graphdef, params, rest), cfg, step
+
+
+def read_face(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """An aligned face crop of any size (grayscale, RGBA, 16-bit converted) as the model's square input in
+    [-1, 1], and the file's (height, width); errors name the file."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+        rgb, _ = sources.decode(path, size, 1)
+    except (OSError, sources.ImageError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    return rgb.astype(np.float32) / 127.5 - 1.0, (height, width)
+
+
+def from_model(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The model's output back to uint8 at the input's size."""
+    out = ((np.asarray(image) + 1.0) * 127.5).round().clip(0, 255).astype(np.uint8)
+    if out.shape[:2] != tuple(shape):
+        interp = cv2.INTER_AREA if out.shape[0] > shape[0] else cv2.INTER_CUBIC
+        out = cv2.resize(out, (shape[1], shape[0]), interpolation=interp)
+    return out
+
+
+def jobs_from_args(args) -> list[tuple[str, list[str], str]]:
+    """(degraded path, reference paths, output path) for every image the command line names."""
+    if args.input:
+        return [(args.input, list(args.ref), args.output)]
+    if args.input_dir:
+        names = sorted(n for n in os.listdir(args.input_dir) if n.lower().endswith(IMAGE_EXTS))
+        jobs = []
+        for name in names:
+            stem = os.path.splitext(name)[0]
+            ref_dir = os.path.join(args.ref_dir, stem) if args.ref_dir else ""
+            refs = sorted(os.path.join(ref_dir, r) for r in os.listdir(ref_dir)
+                          if r.lower().endswith(IMAGE_EXTS)) if os.path.isdir(ref_dir) else []
+            jobs.append((os.path.join(args.input_dir, name), refs, os.path.join(args.output_dir, stem + ".png")))
+        return jobs
+    with open(args.csv) as f:
+        rows = list(csv.DictReader(f))
+    jobs = []
+    for i, row in enumerate(rows):
+        if "lq_image" not in row or "ref_image" not in row:
+            raise ValueError(f"{args.csv} row {i + 2}: needs columns lq_image and ref_image")
+        refs = [os.path.join(args.image_dir, r) for r in ast.literal_eval(row["ref_image"] or "[]")]
+        out = os.path.join(args.output_dir, os.path.splitext(os.path.basename(row["lq_image"]))[0] + ".png")
+        jobs.append((os.path.join(args.image_dir, row["lq_image"]), refs, out))
+    return jobs
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: restore one image, a folder, or the rows of a CSV."""
+    p = argparse.ArgumentParser(description="Restore degraded faces with IConFace, with or without references.")
+    p.add_argument("--checkpoint", required=True, help="training workdir (config.json + checkpoints/)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="one degraded, aligned face image")
+    src.add_argument("--input-dir", help="a folder of degraded faces")
+    src.add_argument("--csv", help="FFHQ-Ref-style CSV with lq_image and ref_image columns")
+    p.add_argument("--ref", action="append", default=[], help="reference image (repeatable; none: no-reference mode)")
+    p.add_argument("--ref-dir", help="with --input-dir: references of NAME.png in REF_DIR/NAME/")
+    p.add_argument("--image-dir", default="", help="with --csv: folder the CSV's file names are relative to")
+    p.add_argument("--output", help="with --input: output image path")
+    p.add_argument("--output-dir", help="with --input-dir or --csv: output folder (existing outputs are kept)")
+    p.add_argument("--max-refs", type=int, default=3, help="use at most this many references per image")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even where an EMA was kept")
+    args = p.parse_args(argv)
+    if args.input and not args.output:
+        p.error("--input needs --output")
+    if not args.input and not args.output_dir:
+        p.error("--input-dir and --csv need --output-dir")
+    try:
+        jobs = jobs_from_args(args)
+        system, cfg, step = load(args.checkpoint, prefer_ema=not args.no_ema)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"restoring {len(jobs)} image(s) with the step-{step} model of {args.checkpoint}", file=sys.stderr)
+    size = cfg.data.resolution
+    run = nnx.jit(partial(restore, steps=args.steps, guidance=args.guidance))
+    failed = 0
+    for degraded_path, ref_paths, out_path in tqdm(jobs, unit="image", file=sys.stderr, disable=len(jobs) < 2):
+        if len(jobs) > 1 and os.path.exists(out_path):
+            continue  # resumable over a long list
+        try:
+            degraded, shape = read_face(degraded_path, size)
+            refs = [read_face(r, size)[0] for r in ref_paths[: args.max_refs]]
+        except (OSError, ValueError) as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        refs = np.stack(refs)[None] if refs else np.zeros((1, 0, size, size, 3), np.float32)
+        out = run(system, degraded[None], refs, jax.random.PRNGKey(args.seed))
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        Image.fromarray(from_model(out[0], shape)).save(out_path)
+    if failed:
+        print(f"{failed} image(s) skipped", file=sys.stderr)
+    return 1 if failed == len(jobs) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""One device mesh with named axes (`data`, `fsdp`) and the shardings of parameters and batches.
+
+Frozen weights are sharded along `fsdp` on their largest divisible axis (ZeRO-3 style: gathered per use
+by XLA), small or indivisible ones replicated; batches are split over both axes. Multi-host runs call
+`jax.distributed.initialize` before building the mesh, which then spans every process's devices.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
+    """A (data, fsdp) mesh over all devices of all processes; -1 means 'the rest'."""
+    n = jax.device_count()
+    if data == -1:
+        if fsdp < 1 or n % fsdp:
+            raise ValueError(f"mesh fsdp={fsdp} does not divide the {n} devices")
+        data = n // fsdp
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not match the {n} devices")
+    return Mesh(np.asarray(jax.devices()).reshape(data, fsdp), ("data", "fsdp"))
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**16) -> P:
+    """Shard the largest axis divisible by the fsdp size; replicate small or indivisible arrays."""
+    if fsdp == 1 or int(np.prod(shape)) < min_size:
+        return P()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % fsdp == 0:
+            return P(*[("fsdp" if a == axis else None) for a in range(len(shape))])
+    return P()
+
+
+def shard_params(tree, mesh: Mesh):
+    """Places every array of `tree` with its fsdp sharding."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, param_spec(x.shape, fsdp))), tree)
+
+
+def replicate(tree, mesh: Mesh):
+    """Places every array of `tree` fully replicated."""
+    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The leading (batch) axis split over data and fsdp."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's slice of the batch into global arrays sharded along the batch axis."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}

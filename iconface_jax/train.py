@@ -1,0 +1,252 @@
+"""`python -m iconface_jax.train --config configs/demo.py [--config.train.steps=100]`: train IConFace.
+
+Reads top to bottom: config -> mesh -> system (model, codec, face encoder, prompts) -> optimizer ->
+data -> restore from the workdir if a checkpoint exists -> loop (step, log, checkpoint, sample grids).
+The same config runs on one CPU, one GPU, many GPUs or a TPU pod; multi-host runs set
+`JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from iconface_jax import bench, checkpointing, flow, losses, restore, sharding
+from iconface_jax import system as face_system
+from iconface_jax.data import pipeline
+from iconface_jax.models import flux2, iconface
+from iconface_jax.models.layers import Precision
+
+config_flags.DEFINE_config_file("config", "configs/demo.py", "training config file", lock_config=True)
+
+
+def init_distributed() -> None:
+    """Joins a multi-process run described by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address:
+        return
+    if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need real collectives
+    jax.distributed.initialize(address, int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"]))
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Fails fast, before anything compiles, on a config that cannot run."""
+    n = jax.device_count()
+    data, fsdp = cfg.mesh.data, cfg.mesh.fsdp
+    if (data * fsdp if data != -1 else fsdp) > n or (data != -1 and data * fsdp != n) or n % fsdp:
+        raise ValueError(f"config.mesh data={data} fsdp={fsdp} does not fit the {n} devices")
+    if cfg.train.batch_size % n:
+        raise ValueError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by the {n} devices")
+    if cfg.model.backbone.preset not in flux2.PRESETS:
+        raise ValueError(f"config.model.backbone.preset {cfg.model.backbone.preset!r} is not one of "
+                         f"{sorted(flux2.PRESETS)}")
+    for name, path in [("model.weights", cfg.model.weights), ("model.autoencoder.weights", cfg.model.autoencoder.weights),
+                       ("model.face_encoder.weights", cfg.model.face_encoder.weights),
+                       ("model.text.embeddings", cfg.model.text.embeddings)]:
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"config.{name}: {path} does not exist")
+    iconface.IConFaceConfig(**cfg.model.iconface)  # unknown variant or field fails here
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with linear warmup, cosine decay and global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, max(t.steps, t.warmup_steps + 1))
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), optax.adamw(schedule, weight_decay=t.weight_decay))
+
+
+def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
+    """Flow matching on the scene tokens plus, for samples with references, the identity loss."""
+    system = nnx.merge(graphdef, params, rest)
+    gt, deg, refs = batch["gt"], batch["deg"], batch["refs"]
+    b, h, w, _ = gt.shape
+    # Encoders are frozen: no gradients through targets or conditions.
+    z0, x_deg, x_refs = (jax.lax.stop_gradient(system.encode(x)) for x in (gt, deg, refs))
+    e_id = jax.lax.stop_gradient(system.anchor(deg, refs))
+    grid = face_system.grid_of(h, w, z0.shape[1])
+
+    k_sigma, k_eps, k_drop = jax.random.split(key, 3)
+    sigma = flow.sample_sigma(k_sigma, b, t.sigma_mean, t.sigma_std, t.sigma_shift)
+    eps = jax.random.normal(k_eps, z0.shape, jnp.float32)
+    z = flow.interpolate(z0, eps, sigma)
+    dropped = jax.random.bernoulli(k_drop, t.text_dropout, (b,))  # empty prompt: trains the CFG branch
+    text_emb = jnp.where(dropped[:, None, None], system.empty[...][None], system.prompt[...][None])
+    velocity = system.model(z, x_deg, x_refs, text_emb, sigma, e_id, grid=grid)
+    l_fm = flow.loss(velocity, z0, eps)
+    l_id = jnp.zeros_like(l_fm)
+    if refs.shape[1] > 0 and t.lambda_id > 0:  # static: batches are grouped by reference count
+        restored = system.decode(flow.estimate_z0(z, velocity, sigma), h, w)
+        e_gt = jax.lax.stop_gradient(system.embed(gt))
+        l_id = losses.identity_loss(system.embed(restored), e_id, e_gt, sigma, batch["num_refs"] > 0,
+                                    t.lambda_h, t.omega_min)
+    total = jnp.mean(l_fm + t.lambda_id * l_id)
+    return total, {"loss": total, "loss_fm": jnp.mean(l_fm), "loss_id": jnp.mean(l_id)}
+
+
+def train_step(state, rest, batch, *, graphdef, tx, t):
+    """One update; a non-finite loss or gradient skips it (state unchanged, flagged in the metrics)."""
+    key, sub = jax.random.split(state["key"])
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"], rest, graphdef, batch, sub, t)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.all(
+        jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b_: jnp.where(finite, a, b_), new, old)  # noqa: E731
+    new = dict(params=keep(params, state["params"]), opt_state=keep(opt_state, state["opt_state"]),
+               step=state["step"] + 1, key=key)
+    if "ema" in state:
+        decay = t.ema_decay
+        new["ema"] = keep(jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params), state["ema"])
+    return new, dict(metrics, finite=finite, grad_norm=optax.global_norm(grads))
+
+
+def sample_grid(system, preview, key, log_cfg) -> np.ndarray:
+    """Rows of degraded | first reference | restored without references | restored with them | ground truth."""
+    deg, refs, gt = (jnp.asarray(preview[k][: log_cfg.sample_count]) for k in ("deg", "refs", "gt"))
+    run = partial(restore.restore, steps=log_cfg.sample_steps, guidance=log_cfg.guidance)
+    without = run(system, deg, refs[:, :0], key)
+    with_refs = run(system, deg, refs, key)
+    cols = [deg, refs[:, 0], without, with_refs, gt]
+    grid = jnp.concatenate([jnp.concatenate(list(c), axis=0) for c in cols], axis=1)
+    return np.asarray((grid + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def preview_batch(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """A fixed batch with references for the sample grids (drawn with another seed than training)."""
+    data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
+    data_cfg.num_workers = 0
+    it = pipeline.make_iterator(data_cfg, global_batch_size=cfg.log.sample_count, seed=cfg.seed + 1,
+                                process_index=0, process_count=1)
+    for _ in range(100):
+        batch = next(it)
+        if batch["refs"].shape[1] > 0:
+            return batch
+    raise RuntimeError("no preview batch with references in 100 draws: check config.data.ref_count_probs")
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    cfg = flags.FLAGS.config
+    init_distributed()
+    validate(cfg)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    t, log = cfg.train, cfg.log
+    os.makedirs(cfg.workdir, exist_ok=True)
+    is_chief = jax.process_index() == 0
+    if is_chief:  # what `python -m iconface_jax.restore --checkpoint WORKDIR` rebuilds the model from
+        with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=1))
+
+    system = face_system.build(cfg)
+    graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
+    rest = sharding.shard_params(rest, mesh)
+    params = sharding.replicate(params, mesh)
+    tx = make_optimizer(t)
+    state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                 key=jax.random.PRNGKey(cfg.seed))
+    if t.ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+
+    data = pipeline.make_iterator(cfg.data, global_batch_size=t.batch_size, seed=cfg.seed)
+    checkpoints = checkpointing.Checkpoints(cfg.workdir, keep=log.keep)
+    start_step = 0
+    if checkpoints.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        start_step, state, data_state = checkpoints.restore(abstract)
+        data.set_state(data_state)
+        print(f"resumed from step {start_step} in {cfg.workdir}", flush=True)
+
+    step_fn = jax.jit(partial(train_step, graphdef=graphdef, tx=tx, t=t), donate_argnums=(0,))
+    preview = preview_batch(cfg) if is_chief else None
+    writer = metrics_file = None
+    if is_chief:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(os.path.join(cfg.workdir, "tensorboard"))
+        metrics_file = open(os.path.join(cfg.workdir, "metrics.jsonl"), "a")
+    print(f"training {n_params:,} parameters on {jax.device_count()} device(s), mesh {dict(mesh.shape)}, "
+          f"steps {start_step}..{t.steps}", flush=True)
+
+    stop = {"signal": None}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    peak = bench.measure_peak(Precision.named(cfg.model.precision).dtype, 512)
+    bb = system.model.backbone.config
+    tokens_per_image = _tokens_per_image(system, (cfg.data.resolution, cfg.data.resolution))
+    nonfinite, window_start, window_steps, window_flops = 0, time.perf_counter(), 0, 0.0
+    step = start_step
+    while step < t.steps:
+        host = next(data)
+        batch = sharding.global_batch({k: v for k, v in host.items() if not k.startswith("_")}, mesh)
+        state, metrics = step_fn(state, rest, batch)
+        step += 1
+        window_steps += 1
+        n_img = (2 + host["refs"].shape[1]) * tokens_per_image
+        window_flops += t.batch_size * bench.train_flops(bb, system.prompt.shape[0], n_img)
+        if not bool(metrics["finite"]):
+            nonfinite += 1
+            print(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite} in a row)", flush=True)
+            if nonfinite >= t.max_nonfinite:
+                sys.exit(f"stopping at step {step}: {nonfinite} non-finite steps in a row "
+                         f"(last loss {float(metrics['loss'])}); see {cfg.workdir}/metrics.jsonl")
+        else:
+            nonfinite = 0
+        if step % log.every == 0 or step == t.steps:
+            elapsed = time.perf_counter() - window_start
+            row = {k: float(v) for k, v in metrics.items()}
+            row.update(step=step, samples_s=t.batch_size * window_steps / elapsed,
+                       mfu=window_flops / elapsed / peak / jax.device_count(),
+                       eta_min=(t.steps - step) * elapsed / window_steps / 60, refs=int(host["refs"].shape[1]))
+            prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
+            print(f"{prefix}step {step}/{t.steps}  loss {row['loss']:.4f} (fm {row['loss_fm']:.4f}, id "
+                  f"{row['loss_id']:.4f})  {row['samples_s']:.1f} samples/s  MFU {row['mfu']:.3f}  "
+                  f"ETA {row['eta_min']:.1f} min", flush=True)
+            if is_chief:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+                for k in ("loss", "loss_fm", "loss_id", "grad_norm", "samples_s", "mfu"):
+                    writer.add_scalar(f"train/{k}", row[k], step)
+            window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
+        if step == t.stop_at:
+            stop["signal"] = "stop_at"
+        if step % log.checkpoint_every == 0 or step == t.steps or stop["signal"]:
+            checkpoints.save(step, state, data.get_state(), force=True)
+        if is_chief and (step % log.sample_every == 0 or step == t.steps):
+            current = nnx.merge(graphdef, state.get("ema", state["params"]), rest)
+            grid = sample_grid(current, preview, jax.random.PRNGKey(cfg.seed), log)
+            writer.add_image("samples", grid, step, dataformats="HWC")
+            _write_png(os.path.join(cfg.workdir, f"samples_{step:06d}.png"), grid)
+        if stop["signal"]:
+            reason = "SIGTERM" if stop["signal"] == signal.SIGTERM else f"train.stop_at={t.stop_at}"
+            print(f"{reason} at step {step}: checkpoint saved, exiting", flush=True)
+            break
+    checkpoints.close()
+    if is_chief:
+        writer.close()
+        metrics_file.close()
+
+
+def _tokens_per_image(system: face_system.FaceSystem, hw: tuple[int, int]) -> int:
+    probe = jax.eval_shape(system.encode, jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32))
+    return probe.shape[1]
+
+
+def _write_png(path: str, image: np.ndarray) -> None:
+    from PIL import Image
+    Image.fromarray(image).save(path)
+
+
+if __name__ == "__main__":
+    app.run(main)
