@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         batch_size=8, steps=600, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
         ema_decay=0.0, lambda_id=0.05, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
-        sigma_mean=0.0, sigma_std=1.0, sigma_shift=1.0, max_nonfinite=5,
+        sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0, max_nonfinite=5,
         stop_at=0))  # stop_at: leave (with a checkpoint) after this step, for staged runs; 0: run to `steps`
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.log = ml_collections.ConfigDict(dict(every=25, checkpoint_every=200, keep=2, sample_every=300,

@@ -8,6 +8,7 @@ The same config runs on one CPU, one GPU, many GPUs or a TPU pod; multi-host run
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -23,11 +24,13 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from iconface_jax import bench, checkpointing, flow, losses, restore, sharding
+from iconface_jax import bench, checkpointing, flow, losses, restore, sampling, sharding
 from iconface_jax import system as face_system
 from iconface_jax.data import pipeline
 from iconface_jax.models import flux2, iconface
 from iconface_jax.models.layers import Precision
+
+SCHEDULE_STEPS = 12  # the paper's sampling steps, which set the dynamic shift that training matches
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "training config file", lock_config=True)
 
@@ -78,7 +81,9 @@ def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
     grid = face_system.grid_of(h, w, z0.shape[1])
 
     k_sigma, k_eps, k_drop = jax.random.split(key, 3)
-    sigma = flow.sample_sigma(k_sigma, b, t.sigma_mean, t.sigma_std, t.sigma_shift)
+    # Shift 0: train where the sampler spends its steps, FLUX.2's dynamic shift exp(mu) at this token count.
+    shift = t.sigma_shift or math.exp(sampling.empirical_mu(z0.shape[1], SCHEDULE_STEPS))
+    sigma = flow.sample_sigma(k_sigma, b, t.sigma_mean, t.sigma_std, shift)
     eps = jax.random.normal(k_eps, z0.shape, jnp.float32)
     z = flow.interpolate(z0, eps, sigma)
     dropped = jax.random.bernoulli(k_drop, t.text_dropout, (b,))  # empty prompt: trains the CFG branch
