@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 0
     c.data.synthetic.num_identities = 200
 
+    # sigma_shift 0: match the sampler's dynamic shift exp(mu) at this resolution (BUILD_NOTES.md).
     c.train = ml_collections.ConfigDict(dict(
         batch_size=8, steps=600, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
         ema_decay=0.0, lambda_id=0.05, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,

@@ -34,6 +34,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.data.ffhq_ref.image_dir = "data/FFHQ-Ref/images512"
     c.data.ffhq_ref.split_file = "data/FFHQ-Ref/id_based_ffhq_split/train.txt"
 
+    # sigma_shift 0: match the sampler's dynamic shift exp(mu) at this resolution (BUILD_NOTES.md).
     c.train = ml_collections.ConfigDict(dict(
         batch_size=16, steps=30000, learning_rate=1e-4, warmup_steps=500, weight_decay=0.01, grad_clip=1.0,
         ema_decay=0.999, lambda_id=0.1, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
