@@ -16,9 +16,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.weights = ""  # converted FLUX.2 weights; empty: random init of `backbone`
+    # Hidden size >= the 192 token channels: proj_out must reach every channel, or the last sampling
+    # step cannot cancel the noise outside its span (a 64-wide model sampled visible noise).
     c.model.backbone = ml_collections.ConfigDict(dict(
-        preset="tiny", in_channels=192, num_layers=2, num_single_layers=2, num_attention_heads=4,
-        attention_head_dim=16, joint_attention_dim=32))
+        preset="tiny", in_channels=192, num_layers=1, num_single_layers=2, num_attention_heads=6,
+        attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8), mlp_ratio=2.0, joint_attention_dim=32))
     c.model.precision = "float32"
     c.model.attention = ""  # backend; empty: the platform default
     c.model.lora = ml_collections.ConfigDict(dict(rank=8, alpha=8.0, feed_forward=True))
