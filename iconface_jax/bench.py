@@ -1,26 +1,32 @@
-"""`python -m iconface_jax.bench`: forward and LoRA training-step speed of the FLUX.2 backbone.
+"""`python -m iconface_jax.bench`: speed of the FLUX.2 backbone, the full IConFace step and restoration.
 
 Random weights (speed does not depend on values). Each sample is DESIGN.md's hybrid sequence: text,
-scene, degraded and R reference segments. Prints one table (ms/step, samples/s, MFU against a matmul
-peak measured in the same run, peak device memory, compile time) and writes it as JSON.
+scene, degraded and R reference segments. Rows per (B, R): (a) backbone forward and LoRA step
+(flow-matching loss only), (b) the full IConFace training step (side pathways, identity loss through
+the VAE decoder and AdaFace), (c) a guided restoration of one face (wall time with VAE encode and
+decode). Prints one table (ms/step, samples/s, MFU against a matmul peak measured in the same run,
+(d) compile time, (e) peak device memory) and writes it as JSON.
 On CPU the defaults shrink to the tiny preset and small images so the run takes seconds.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
-from iconface_jax import flow, sequence
-from iconface_jax.models import flux2, lora
+from iconface_jax import flow, sequence, text
+from iconface_jax.models import adaface, flux2, iconface, lora, vae
 from iconface_jax.models.layers import Precision
+from iconface_jax.system import FaceSystem
 
 
 def model_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int) -> tuple[float, float]:
@@ -120,6 +126,60 @@ def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, ste
     return rows
 
 
+def face_system(cfg: flux2.Flux2Config, precision: Precision, on_cpu: bool, text_len: int, lora_rank: int,
+                attention: str | None) -> FaceSystem:
+    """The full IConFace system on random weights: side pathways, VAE and AdaFace (tiny ones on CPU)."""
+    backbone = flux2.build(cfg, precision, attention_backend=attention)
+    lora.add_lora(backbone, lora_rank, float(lora_rank))
+    model = iconface.IConFace(backbone, iconface.IConFaceConfig())
+    codec = vae.init(vae.TINY if on_cpu else vae.DEFAULT, dtype=precision.dtype, param_dtype=precision.param_dtype)
+    arch = adaface.AdaFaceConfig(units=(1, 1, 1, 1), channels=(8, 8, 16, 16)) if on_cpu else adaface.AdaFaceConfig()
+    face = adaface.AdaFace(arch, dtype=precision.dtype, rngs=nnx.Rngs(0))
+    return FaceSystem(model, codec, face, *text.random_prompt_embeddings(text_len, cfg.joint_attention_dim))
+
+
+def bench_full(system: FaceSystem, cfg, batch: int, refs: int, grid: int, text_len: int, steps: int,
+               restore_steps: int) -> list[dict]:
+    """(b) the full IConFace training step and (c) a guided restoration, wall time including VAE encode/decode."""
+    from iconface_jax import restore, train
+
+    stride = vae.token_grid(system.autoencoder.config, 256, 256)
+    size = grid * 256 // stride[0]
+    key = jax.random.key(batch * 10 + refs + 1)
+    images = jax.random.uniform(key, (batch, 2 + refs, size, size, 3), jnp.float32, -1, 1)
+    batch_arrays = dict(gt=images[:, 0], deg=images[:, 1], refs=images[:, 2:],
+                        num_refs=jnp.full((batch,), refs, jnp.int32))
+    t = ml_collections.ConfigDict(dict(sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0, text_dropout=0.1,
+                                       lambda_id=0.1, lambda_h=0.5, omega_min=0.25, ema_decay=0.0))
+    graphdef, params, rest = nnx.split(system, iconface.trainable, ...)
+    tx = optax.adamw(1e-4)
+    state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(0))
+    step_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, t=t), donate_argnums=(0,))
+    start = time.perf_counter()
+    state, _ = jax.block_until_ready(step_fn(state, rest, batch_arrays))
+    compile_s = time.perf_counter() - start
+
+    def one_step():
+        nonlocal state
+        state, metrics = step_fn(state, rest, batch_arrays)
+        return metrics
+    t_step = _timed(one_step, steps)
+    nnx.update(system, state["params"])  # the step donated the arrays the system held
+    n_img = (2 + refs) * grid * grid
+    rows = [dict(kind="train iconface", B=batch, R=refs, tokens=text_len + n_img, ms=t_step * 1e3,
+                 samples_s=batch / t_step, flops=batch * train_flops(cfg, text_len, n_img), compile_s=compile_s)]
+    run = nnx.jit(functools.partial(restore.restore, steps=restore_steps, guidance=4.0))
+    deg, ref_images = images[:1, 1], images[:1, 2:]
+    start = time.perf_counter()
+    jax.block_until_ready(run(system, deg, ref_images, jax.random.key(0)))
+    compile_s = time.perf_counter() - start
+    t_restore = _timed(lambda: run(system, deg, ref_images, jax.random.key(0)), max(1, steps // 2))
+    lin, att = model_flops(cfg, text_len, n_img)
+    rows.append(dict(kind=f"restore {restore_steps} st", B=1, R=refs, tokens=text_len + n_img, ms=t_restore * 1e3,
+                     samples_s=1 / t_restore, flops=restore_steps * 2 * (lin + att), compile_s=compile_s))
+    return rows
+
+
 def main(argv=None) -> int:
     """Command-line entry point: parses the shape list, runs each shape and prints the table."""
     on_cpu = jax.default_backend() == "cpu"
@@ -134,6 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=3 if on_cpu else 10)
     p.add_argument("--attention", default=None, help="attention backend: xla, cudnn or splash")
+    p.add_argument("--no-full", action="store_true",
+                   help="skip (b) the full IConFace step and (c) restoration (VAE + AdaFace + side pathways)")
+    p.add_argument("--restore-steps", type=int, default=12)
     p.add_argument("--out", default="bench.json", help="JSON results")
     args = p.parse_args(argv)
 
@@ -143,9 +206,14 @@ def main(argv=None) -> int:
     lora.add_lora(model, args.lora_rank, float(args.lora_rank))
     grid = args.image_size // 16
     rows = []
+    system = None if args.no_full else face_system(cfg, precision, on_cpu, args.text_len, args.lora_rank,
+                                                    args.attention)
     for shape in args.shapes.split(","):
         batch, refs = (int(v) for v in shape.lower().split("x"))
-        for row in bench_shape(model, cfg, batch, refs, grid, args.text_len, args.steps, args.lora_rank):
+        rows_of_shape = bench_shape(model, cfg, batch, refs, grid, args.text_len, args.steps, args.lora_rank)
+        if system is not None:
+            rows_of_shape += bench_full(system, cfg, batch, refs, grid, args.text_len, args.steps, args.restore_steps)
+        for row in rows_of_shape:
             row["mfu"] = row["flops"] / (row["ms"] / 1e3) / peak
             rows.append(row)
             print(f"  {row['kind']:<14} B={batch} R={refs}: {row['ms']:.1f} ms", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""The benchmark runs end to end on the tiny preset and reports sane figures."""
+"""The benchmark runs end to end on the tiny preset (all of (a) to (e)) and reports sane figures."""
 from __future__ import annotations
 
 import json
@@ -12,13 +12,14 @@ from iconface_jax.models import flux2
 def test_bench_tiny(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--preset", "tiny", "--shapes", "1x0,1x2", "--image-size", "64", "--text-len", "16",
-                       "--steps", "2", "--out", str(out)]) == 0
+                       "--steps", "2", "--restore-steps", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert [(r["kind"].split()[0], r["B"], r["R"]) for r in result["rows"]] == [
-        ("forward", 1, 0), ("train", 1, 0), ("forward", 1, 2), ("train", 1, 2)]
+    kinds = ["forward", "train lora r16", "train iconface", "restore 2 st"]
+    assert [(r["kind"], r["B"], r["R"]) for r in result["rows"]] == (
+        [(k, 1, 0) for k in kinds] + [(k, 1, 2) for k in kinds])
     for row in result["rows"]:
-        assert np.isfinite(row["ms"]) and row["ms"] > 0 and 0 < row["mfu"] < 1
-    assert result["rows"][2]["tokens"] == 16 + 4 * 16
+        assert np.isfinite(row["ms"]) and row["ms"] > 0 and 0 < row["mfu"] < 1 and row["compile_s"] > 0
+    assert result["rows"][4]["tokens"] == 16 + 4 * 16
     assert "samples/s" in capsys.readouterr().out
 
 
