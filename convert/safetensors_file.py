@@ -1,4 +1,4 @@
-"""A dependency-free, memory-mapped safetensors reader that streams one tensor at a time.
+"""A dependency-free safetensors reader that streams one tensor at a time.
 
 numpy has no bfloat16, so BF16 tensors are returned as `ml_dtypes.bfloat16` arrays; the `safetensors`
 package's numpy backend refuses them and its torch backend would make torch a runtime dependency.
@@ -6,7 +6,6 @@ package's numpy backend refuses them and its torch backend would make torch a ru
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -71,18 +70,20 @@ def read_header(path: str) -> dict[str, TensorInfo]:
 
 
 class Reader:
-    """Reads tensors from one or more safetensors files through read-only memory maps."""
+    """Reads tensors from one or more safetensors files, one positioned read per tensor.
+
+    Plain reads rather than a memory map: mapped pages stay resident and count against the process,
+    so converting a whole checkpoint would hold the source and the output at once.
+    """
 
     def __init__(self, infos: dict[str, TensorInfo]):
         self.infos = infos
-        self._maps: dict[str, mmap.mmap] = {}
 
     def read(self, key: str) -> np.ndarray:
-        """The tensor `key` as a numpy array backed by the file's pages (copy it to keep it)."""
+        """The tensor `key` as a new numpy array."""
         info = self.infos[key]
-        if info.path not in self._maps:
-            with open(info.path, "rb") as f:
-                self._maps[info.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = self._maps[info.path]
-        return np.frombuffer(buf, dtype=info.dtype, count=(info.end - info.start) // info.dtype.itemsize,
-                             offset=info.start).reshape(info.shape)
+        count = (info.end - info.start) // info.dtype.itemsize
+        array = np.fromfile(info.path, dtype=info.dtype, count=count, offset=info.start)
+        if array.size != count:
+            raise SafetensorsError(f"{info.path}: tensor {key!r} is cut short (file truncated?)")
+        return array.reshape(info.shape)

@@ -55,9 +55,9 @@ def save(dst: str, family: str, config: Mapping[str, Any], params: Mapping[str, 
     try:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump({"family": family, "config": dict(config)}, f, indent=1, default=list)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, PARAMS_DIR), dict(params))
-        checkpointer.wait_until_finished()
+        # Synchronous: the directory is renamed into place only once every tensor is written.
+        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
+        checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(dict(params)))
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
