@@ -125,3 +125,15 @@ def test_different_degraded_grid_is_resized():
 def test_unknown_variant():
     with pytest.raises(ValueError, match="variant"):
         iconface.IConFaceConfig(variant="two_route")
+
+
+def test_identity_anchor_order_invariant_and_equal_norms_give_the_mean():
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+    d = jnp.ones((2, 8))
+    np.testing.assert_allclose(iconface.identity_anchor(z, d), iconface.identity_anchor(z[:, ::-1], d), atol=1e-6)
+    unit = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+    mean = unit.mean(1)
+    np.testing.assert_allclose(iconface.identity_anchor(3.0 * unit, d), mean / jnp.linalg.norm(mean, axis=-1,
+                                                                                                 keepdims=True),
+                               atol=1e-6)

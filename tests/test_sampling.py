@@ -39,3 +39,14 @@ def test_flow_interpolation_and_estimate():
     z = flow.interpolate(z0, eps, sigma)
     np.testing.assert_allclose(z, [[0.75 * 2 - 0.25]])
     np.testing.assert_allclose(flow.estimate_z0(z, flow.velocity_target(z0, eps), sigma), z0, atol=1e-7)
+
+
+def test_guidance_one_is_the_conditional_branch():
+    def velocity(z, s):  # conditional and unconditional branches differ
+        return jnp.concatenate([jnp.full_like(z[:1], 0.3), jnp.full_like(z[1:], -2.0)]) + 0.1 * z
+    sigmas = sampling.schedule(4, 16)
+    guided = sampling.sample(velocity, jnp.ones((1, 2)), sigmas, guidance=1.0)
+    z = np.ones((1, 2), np.float32)
+    for i in range(4):  # Euler on the conditional field alone
+        z = z + (sigmas[i + 1] - sigmas[i]) * (0.3 + 0.1 * z)
+    np.testing.assert_allclose(guided, z, rtol=1e-6)
