@@ -57,7 +57,11 @@ def load(workdir: str, prefer_ema: bool = True) -> tuple[FaceSystem, ml_collecti
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{workdir} is not a training workdir: {path} is missing")
     with open(path) as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
+        stored = json.load(f)
+    if "model" not in stored:
+        kind = f"a converted {stored['family']} weight directory" if "family" in stored else "not a training config"
+        raise ValueError(f"{path}: {kind}; --checkpoint takes a training workdir")
+    cfg = ml_collections.ConfigDict(stored)
     system = face_system.build(cfg)
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -134,11 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even where an EMA was kept")
+    p.add_argument("--model-size", action="store_true",
+                   help="keep outputs at the model's resolution instead of resizing back to the input's")
+    p.add_argument("--strip", action="store_true",
+                   help="also write OUTPUT_strip.png: degraded | references | restored, at the model's resolution")
     args = p.parse_args(argv)
     if args.input and not args.output:
         p.error("--input needs --output")
     if not args.input and not args.output_dir:
         p.error("--input-dir and --csv need --output-dir")
+    if args.steps < 1 or args.max_refs < 0:
+        p.error("--steps must be at least 1 and --max-refs at least 0")
     try:
         jobs = jobs_from_args(args)
         system, cfg, step = load(args.checkpoint, prefer_ema=not args.no_ema)
@@ -162,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         refs = np.stack(refs)[None] if refs else np.zeros((1, 0, size, size, 3), np.float32)
         out = run(system, degraded[None], refs, jax.random.PRNGKey(args.seed))
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        Image.fromarray(from_model(out[0], shape)).save(out_path)
+        restored = from_model(out[0], (size, size) if args.model_size else shape)
+        Image.fromarray(restored).save(out_path)
+        if args.strip:
+            row = [degraded, *refs[0], np.asarray(out[0])]
+            strip = from_model(np.concatenate(row, axis=1), (size, size * len(row)))
+            Image.fromarray(strip).save(os.path.splitext(out_path)[0] + "_strip.png")
     if failed:
         print(f"{failed} image(s) skipped", file=sys.stderr)
     return 1 if failed == len(jobs) else 0

@@ -33,6 +33,18 @@ def test_single_image_with_and_without_references(workdir, tmp_path):
     assert not np.array_equal(with_refs, without)
 
 
+def test_three_references_strip_and_model_size(workdir, tmp_path):
+    deg = face(tmp_path / "deg.png", 48, 5)
+    refs = [face(tmp_path / f"r{i}.png", 32, 6 + i) for i in range(3)]
+    args = ["--checkpoint", str(workdir), "--input", deg, "--steps", "2", "--output", str(tmp_path / "o.png"),
+            "--strip", "--model-size"]
+    for r in refs:
+        args += ["--ref", r]
+    assert restore.main(args) == 0
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (32, 32, 3)  # the toy model's resolution
+    assert np.asarray(Image.open(tmp_path / "o_strip.png")).shape == (32, 32 * 5, 3)  # deg | 3 refs | out
+
+
 def test_folder_and_csv_forms(workdir, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "refs" / "a").mkdir(parents=True)
@@ -60,3 +72,5 @@ def test_bad_inputs_name_the_file(workdir, tmp_path, capsys):
     assert restore.main(["--checkpoint", str(tmp_path / "nowhere"), "--input", str(junk),
                          "--output", str(tmp_path / "o.png")]) == 1
     assert "config.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        restore.main(["--checkpoint", str(workdir), "--input", str(junk), "--output", "o.png", "--steps", "0"])

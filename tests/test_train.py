@@ -64,12 +64,17 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert (tmp_path / "checkpoints" / str(step)).is_dir()
 
 
-def test_eight_simulated_devices_with_fsdp(tmp_path):
-    out = run_train(tmp_path, "--config.train.steps=2", "--config.train.batch_size=8", "--config.mesh.data=4",
-                    "--config.data.ref_count_probs=(0.0,1.0,0.0,0.0)", NO_ID,
-                    "--config.mesh.fsdp=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+def test_eight_simulated_devices_with_fsdp_match_one_device(tmp_path):
+    same = ["--config.train.steps=2", "--config.train.batch_size=8", "--config.data.ref_count_probs=(0.0,1.0,0.0,0.0)",
+            NO_ID]
+    out = run_train(tmp_path / "eight", *same, "--config.mesh.data=4", "--config.mesh.fsdp=2",
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert "8 device(s), mesh {'data': 4, 'fsdp': 2}" in out.stdout
-    assert len(losses(tmp_path)) == 2
+    run_train(tmp_path / "one", *same)
+    sharded, single = losses(tmp_path / "eight"), losses(tmp_path / "one")
+    assert sharded.keys() == single.keys() == {1, 2}
+    for step in single:  # same global batch; only the reduction order differs
+        assert abs(sharded[step] - single[step]) <= 1e-5 * abs(single[step]), (sharded, single)
 
 
 def test_two_processes_agree(tmp_path):
@@ -140,3 +145,11 @@ def test_unknown_config_key_is_refused(tmp_path):
 def test_demo_config_is_a_configdict():
     from configs import demo
     assert isinstance(demo.get_config(), ml_collections.ConfigDict)
+
+
+def test_a_few_hundred_steps_lower_the_loss(tmp_path):
+    run_train(tmp_path, "--config.train.steps=200", "--config.log.checkpoint_every=1000",
+              "--config.train.warmup_steps=20")
+    curve = [loss for _, loss in sorted(losses(tmp_path).items())]
+    first, last = sum(curve[:20]) / 20, sum(curve[-20:]) / 20
+    assert last < 0.5 * first, (first, last)

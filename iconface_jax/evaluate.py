@@ -1,0 +1,386 @@
+"""Benchmark evaluation: restore every row of a CSV and score it as the paper does.
+
+    python -m iconface_jax.evaluate --checkpoint WORKDIR --csv test_references.csv --image-dir IMAGES \\
+        [--lq-dir LQ] [--refs 0|1|2|3] [--output-dir OUT] [--adaface weights/adaface-ir50]
+
+The CSV has FFHQ-Ref's columns: `gt_image`, optional `lq_image`, `ref_image` (a Python list literal of
+file names, the protocol order), and optionally `dataset` (the summary groups rows by it). Targets and
+references are resolved in `--image-dir` (`--ref-dir`), given degraded images in `--lq-dir` (default:
+`--image-dir`). A row with no `lq_image` is degraded from its target with the run's configured
+degradation (`--degradation` picks one preset), seeded by row; a row with no `gt_image` (real-world
+sets) gets the no-reference metrics only. The first `--refs` references are given to the model; Ref
+metrics always use the row's first reference (the paper's Ref_1).
+
+Metrics, all at the model's resolution (`config.data.resolution`), on the restored image and, as a
+baseline, on the degraded input: Ref-AdaFace and GT-AdaFace (cosine of AdaFace embeddings to the first
+reference's and to the ground truth's; the run's own face encoder unless `--adaface` names a converted
+AdaFace IR-50), PSNR and SSIM (`iconface_jax.metrics`: RGB, PSNR capped at 100 dB), and MUSIQ,
+CLIP-IQA, MANIQA through pyiqa when it is installed and its weights are present (else left empty,
+with a message). The paper's Ref-ArcFace needs an ArcFace model this project does not have.
+
+Writes into OUT: `per_image.csv` (one row per image, appended as it goes: a rerun resumes where it
+stopped and refuses other settings; an unreadable image stops the run naming the file), `restored/`
+(and `degraded/` for synthesised inputs), `summary.md` and `summary.csv` (means per dataset in the
+layout of the paper's Table 1, or Table 2 with `--refs 0`), and `contact_sheet.png` (LQ | Ref_1 |
+restored | GT for the first rows).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import csv
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import cv2
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from iconface_jax import metrics, restore
+from iconface_jax.data import degrade
+from iconface_jax.data.sources import FFHQRefSource
+from iconface_jax.models import adaface
+from iconface_jax.system import FaceSystem
+
+SETTINGS_FILE = "settings.json"
+PER_IMAGE_FILE = "per_image.csv"
+METRICS = ("ref_adaface", "gt_adaface", "psnr", "ssim", "musiq", "clipiqa", "maniqa")
+COLUMNS = (["index", "dataset", "gt_image", "lq_image", "ref1_image", "refs_used", "degradation", "restored",
+            "seconds"]
+           + list(METRICS) + [f"lq_{m}" for m in METRICS])
+# Column headers of the summary (the paper's names) and their decimals.
+LABELS = {"ref_adaface": ("Ref-AdaFace", 3), "gt_adaface": ("GT-AdaFace", 3), "psnr": ("PSNR", 2),
+          "ssim": ("SSIM", 4), "musiq": ("MUSIQ", 3), "clipiqa": ("CLIP-IQA", 3), "maniqa": ("MANIQA", 3)}
+TABLE1 = ("ref_adaface", "gt_adaface", "psnr", "ssim", "musiq", "clipiqa", "maniqa")  # reference-aware
+TABLE2 = ("musiq", "clipiqa", "maniqa", "psnr", "ssim", "gt_adaface")  # no-reference
+SHEET_TILE = 192
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One benchmark row with resolved paths (None where the CSV gives no such image)."""
+
+    index: int
+    dataset: str
+    gt: str | None
+    lq: str | None
+    refs: tuple[str, ...]
+
+
+def read_rows(csv_path: str, image_dir: str, lq_dir: str, ref_dir: str, dataset: str) -> list[Row]:
+    """The CSV's rows with resolved paths; a missing file or malformed row is an error naming row and file.
+
+    An optional `dataset` column groups the rows in the summary (else every row belongs to `dataset`).
+    """
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"gt_image", "lq_image"} & set(reader.fieldnames or ()):
+            raise ValueError(f"{csv_path}: needs a gt_image or lq_image column (has {reader.fieldnames})")
+        rows = []
+        for i, raw in enumerate(reader):
+            where = f"{csv_path} row {i + 2}"  # the header is line 1
+
+            def resolve(name: str, directory: str) -> str:
+                # FFHQ's nested layout (00000/00000.png) is found as the training pipeline finds it.
+                path = FFHQRefSource._resolve(name, directory)
+                if path is None:
+                    raise ValueError(f"{where}: {os.path.join(directory, name)} does not exist")
+                return path
+
+            try:
+                ref_names = ast.literal_eval((raw.get("ref_image") or "").strip() or "[]")
+            except (ValueError, SyntaxError):
+                raise ValueError(f"{where}: ref_image {raw.get('ref_image')!r} is not a Python list literal") from None
+            ref_names = [ref_names] if isinstance(ref_names, str) else list(ref_names)
+            gt_name, lq_name = (raw.get("gt_image") or "").strip(), (raw.get("lq_image") or "").strip()
+            if not gt_name and not lq_name:
+                raise ValueError(f"{where}: neither gt_image nor lq_image is given")
+            rows.append(Row(i, (raw.get("dataset") or "").strip() or dataset,
+                            resolve(gt_name, image_dir) if gt_name else None,
+                            resolve(lq_name, lq_dir) if lq_name else None,
+                            tuple(resolve(str(r), ref_dir) for r in ref_names)))
+    if not rows:
+        raise ValueError(f"{csv_path}: no rows")
+    return rows
+
+
+def to_model(image: np.ndarray) -> np.ndarray:
+    """uint8 -> the model's [-1, 1] float input."""
+    return image.astype(np.float32) / 127.5 - 1.0
+
+
+def read_uint8(path: str, size: int) -> np.ndarray:
+    """An image file as a size x size uint8 RGB array (centre-cropped and resized as the model reads it)."""
+    return restore.from_model(restore.read_face(path, size)[0], (size, size))
+
+
+def degradation_for(cfg: ml_collections.ConfigDict,
+                    preset: str) -> Callable[[np.ndarray, int], tuple[np.ndarray, str]]:
+    """(gt uint8, row index) -> (degraded uint8, preset name): one preset, or the config's mix; seeded by row."""
+    deg = cfg.data.degradation
+    if preset and preset not in deg.params:
+        raise ValueError(f"--degradation {preset!r}: the config has presets {sorted(deg.params)}")
+    names = (preset,) if preset else tuple(deg.presets)
+    probs = np.ones(1) if preset else np.asarray(deg.preset_probs, np.float64) / np.sum(deg.preset_probs)
+    presets = {name: degrade.Preset.from_dict(deg.params[name]) for name in names}
+
+    def apply(gt: np.ndarray, index: int) -> tuple[np.ndarray, str]:
+        rng = np.random.default_rng([cfg.data.seed, index])
+        name = names[rng.choice(len(names), p=probs)]
+        return degrade.apply(gt, presets[name], rng), name
+
+    return apply
+
+
+def identity_embedder(system: FaceSystem, adaface_dir: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Images (N, S, S, 3) in [-1, 1] -> AdaFace features (N, 512): a converted AdaFace, or the run's encoder."""
+    if adaface_dir:
+        model = adaface.load(adaface_dir)
+        run = nnx.jit(lambda m, x: adaface.embed_faces(m, x)[0])
+        return lambda images: np.asarray(run(model, jnp.asarray(images)))
+    run = nnx.jit(lambda s, x: s.embed(x))
+    return lambda images: np.asarray(run(system, jnp.asarray(images)))
+
+
+def score(image: np.ndarray, gt: np.ndarray | None, features: dict[str, np.ndarray | None],
+          iqa: dict[str, Callable[[np.ndarray], float]], key: str) -> dict[str, float]:
+    """Metrics of one uint8 image whose AdaFace features are `features[key]` (the restored image or the
+    input); metrics whose reference image is absent give no entry."""
+    out = {}
+    if features["ref1"] is not None:
+        out["ref_adaface"] = float(metrics.cosine(features[key], features["ref1"]))
+    if gt is not None:
+        out["gt_adaface"] = float(metrics.cosine(features[key], features["gt"]))
+        out["psnr"] = metrics.psnr(image, gt)
+        out["ssim"] = metrics.ssim(image, gt)
+    for label, fn in iqa.items():
+        out[metrics.IQA_METRICS[label]] = fn(image)  # the column is pyiqa's name
+    return out
+
+
+def read_done(path: str) -> dict[int, dict[str, str]]:
+    """Rows already in a per-image CSV, by index."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="") as f:
+        return {int(r["index"]): r for r in csv.DictReader(f)}
+
+
+def check_settings(out_dir: str, settings: dict) -> None:
+    """Records the run's settings in OUT, or refuses to resume a run made with other settings."""
+    path = os.path.join(out_dir, SETTINGS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            before = json.load(f)
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            raise ValueError(f"{path}: {out_dir} holds an evaluation with other settings "
+                             f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())}); "
+                             "choose another --output-dir")
+        return
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=1)
+
+
+def mean_of(rows: list[dict[str, str]], column: str) -> tuple[float | None, int]:
+    """(mean of the column's non-empty values or None, their count)."""
+    values = [float(r[column]) for r in rows if r.get(column, "") != ""]
+    return (float(np.mean(values)) if values else None), len(values)
+
+
+def summary(rows: list[dict[str, str]], method: str, refs: int) -> tuple[str, list[dict[str, str]]]:
+    """(markdown table in the paper's layout, the same as CSV records): per dataset, the mean metrics of
+    the inputs and of the restored images."""
+    columns = TABLE1 if refs else TABLE2
+    table = [f"| Method | Dataset | {' | '.join(LABELS[c][0] + ' ↑' for c in columns)} |",
+             "|" + "---|" * (len(columns) + 2)]
+    records, notes = [], []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):  # in order of appearance
+        group = [r for r in rows if r["dataset"] == dataset]
+        for name, prefix in (("Input (LQ)", "lq_"), (method, "")):
+            cells, record = [], {"method": name, "dataset": dataset, "images": str(len(group))}
+            for c in columns:
+                value, n = mean_of(group, prefix + c)
+                cells.append("–" if value is None else f"{value:.{LABELS[c][1]}f}")
+                record[LABELS[c][0]] = "" if value is None else f"{value:.6g}"
+                if value is not None and n < len(group):
+                    notes.append(f"{dataset} {name} {LABELS[c][0]}: mean of {n} of {len(group)} rows")
+            table.append(f"| {name} | {dataset} | {' | '.join(cells)} |")
+            records.append(record)
+    text = "\n".join(table) + "\n"
+    text += f"\n{len(rows)} images; references given: {refs}; – : not available (no pyiqa, no GT or no reference).\n"
+    if notes:
+        text += "".join(f"- {n}\n" for n in notes)
+    return text, records
+
+
+def contact_sheet(rows: list[dict[str, str]], out_dir: str, size: int, count: int) -> np.ndarray:
+    """LQ | Ref_1 | restored | GT tiles of the first `count` rows (blank where absent), with a header."""
+    tile, header = SHEET_TILE, 28
+    labels = ("LQ", "Ref_1", "restored", "GT")
+    chosen = sorted(rows, key=lambda r: int(r["index"]))[:count]
+    sheet = np.full((header + tile * len(chosen), tile * len(labels), 3), 255, np.uint8)
+    for j, label in enumerate(labels):
+        cv2.putText(sheet, label, (j * tile + 8, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    for i, r in enumerate(chosen):
+        paths = (r["lq_image"], r["ref1_image"], os.path.join(out_dir, "restored", r["restored"]), r["gt_image"])
+        for j, path in enumerate(paths):
+            if not path:
+                continue
+            image = read_uint8(path, size)
+            interp = cv2.INTER_AREA if size > tile else cv2.INTER_NEAREST
+            sheet[header + i * tile:header + (i + 1) * tile, j * tile:(j + 1) * tile] = cv2.resize(
+                image, (tile, tile), interpolation=interp)
+    return sheet
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """What scoring one row needs: the jitted restoration and embedding, the IQA metrics and the settings."""
+
+    system: FaceSystem
+    size: int
+    refs: int
+    out_dir: str
+    restore: Callable
+    embed: Callable[[np.ndarray], np.ndarray]
+    iqa: dict[str, Callable[[np.ndarray], float]]
+    synthesise: Callable[[np.ndarray, int], tuple[np.ndarray, str]]
+    key: jax.Array
+
+    def __call__(self, row: Row) -> dict[str, str]:
+        """Restores one row, saves the result, and returns its per-image CSV record (formatted strings)."""
+        start, size = time.perf_counter(), self.size
+        gt = read_uint8(row.gt, size) if row.gt else None
+        name = f"{row.index:05d}_{os.path.splitext(os.path.basename(row.gt or row.lq))[0]}.png"
+        if row.lq:
+            lq, how, lq_path = read_uint8(row.lq, size), "given", row.lq
+        else:
+            lq, how = self.synthesise(gt, row.index)
+            lq_path = os.path.join(self.out_dir, "degraded", name)
+            Image.fromarray(lq).save(lq_path)
+        used = row.refs[: self.refs]
+        refs = (np.stack([to_model(read_uint8(p, size)) for p in used])[None] if used
+                else np.zeros((1, 0, size, size, 3), np.float32))
+        restored = restore.from_model(self.restore(self.system, to_model(lq)[None], refs, self.key)[0], (size, size))
+        Image.fromarray(restored).save(os.path.join(self.out_dir, "restored", name))
+
+        ref1 = read_uint8(row.refs[0], size) if row.refs else None
+        # One embedding call of fixed shape (absent images as blanks, their features dropped).
+        images = {"restored": restored, "lq": lq, "gt": gt, "ref1": ref1}
+        embedded = self.embed(np.stack([to_model(x if x is not None else np.zeros_like(lq)) for x in images.values()]))
+        feats = {k: (e if images[k] is not None else None) for k, e in zip(images, embedded)}
+        values = score(restored, gt, feats, self.iqa, "restored")
+        values.update({f"lq_{k}": v for k, v in score(lq, gt, feats, self.iqa, "lq").items()})
+        record = {"index": row.index, "dataset": row.dataset, "gt_image": row.gt or "", "lq_image": lq_path,
+                  "ref1_image": row.refs[0] if row.refs else "", "refs_used": len(used), "degradation": how,
+                  "restored": name, "seconds": f"{time.perf_counter() - start:.2f}"}
+        record.update({k: f"{v:.6f}" for k, v in values.items()})
+        return {k: str(v) for k, v in record.items()}
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Restores and scores every row not yet in OUT/per_image.csv, then writes the summary and contact sheet."""
+    dataset = args.dataset or os.path.splitext(os.path.basename(args.csv))[0]
+    rows = read_rows(args.csv, args.image_dir, args.lq_dir or args.image_dir, args.ref_dir or args.image_dir, dataset)
+    if args.limit:
+        rows = rows[: args.limit]
+    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema)
+    size = cfg.data.resolution
+    out_dir = args.output_dir or os.path.join(
+        args.checkpoint, "eval", f"{os.path.splitext(os.path.basename(args.csv))[0]}_refs{args.refs}")
+    for sub in ("restored", "degraded"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    check_settings(out_dir, {"checkpoint": os.path.abspath(args.checkpoint), "step": step,
+                             "csv": os.path.abspath(args.csv), "refs": args.refs, "steps": args.steps,
+                             "guidance": args.guidance, "seed": args.seed, "degradation": args.degradation,
+                             "adaface": args.adaface, "ema": not args.no_ema, "resolution": size})
+    per_image = os.path.join(out_dir, PER_IMAGE_FILE)
+    done = read_done(per_image)
+    todo = [r for r in rows if r.index not in done]
+    print(f"evaluating the step-{step} model of {args.checkpoint} on {len(rows)} rows of {args.csv} "
+          f"({len(rows) - len(todo)} already done) -> {out_dir}", file=sys.stderr)
+
+    iqa, messages = metrics.load_iqa() if not args.no_iqa else ({}, ["--no-iqa: MUSIQ, CLIP-IQA, MANIQA left empty"])
+    for message in messages:
+        print(f"note: {message}", file=sys.stderr)
+    if not args.adaface and not cfg.model.face_encoder.weights:
+        print("note: the run's face encoder is randomly initialised: AdaFace scores are not meaningful "
+              "(pass --adaface with a converted AdaFace IR-50)", file=sys.stderr)
+    evaluator = Evaluator(system, size, args.refs, out_dir,
+                          nnx.jit(partial(restore.restore, steps=args.steps, guidance=args.guidance)),
+                          identity_embedder(system, args.adaface), iqa, degradation_for(cfg, args.degradation),
+                          jax.random.PRNGKey(args.seed))
+
+    new_file = not os.path.isfile(per_image)
+    with open(per_image, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new_file:
+            writer.writeheader()
+        bar = tqdm(todo, unit="image", file=sys.stderr, initial=len(rows) - len(todo), total=len(rows))
+        for row in bar:
+            done[row.index] = evaluator(row)
+            writer.writerow(done[row.index])
+            f.flush()  # a killed run keeps every finished row
+            ref_mean = mean_of(list(done.values()), "ref_adaface")[0]
+            if ref_mean is not None:
+                bar.set_postfix(ref_adaface=f"{ref_mean:.3f}")
+
+    finished = [done[r.index] for r in rows if r.index in done]
+    text, records = summary(finished, args.method or f"IConFace (step {step})", args.refs)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out_dir, "summary.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    Image.fromarray(contact_sheet(finished, out_dir, size, args.sheet_rows)).save(
+        os.path.join(out_dir, "contact_sheet.png"))
+    print(text, end="")
+    print(f"wrote {out_dir}/{{{PER_IMAGE_FILE}, summary.md, summary.csv, contact_sheet.png}}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description="Evaluate IConFace on a benchmark CSV (Ref/GT-AdaFace, PSNR, SSIM, IQA).")
+    p.add_argument("--checkpoint", required=True, help="training workdir (config.json + checkpoints/)")
+    p.add_argument("--csv", required=True, help="CSV with gt_image, optional lq_image, ref_image (list literal)")
+    p.add_argument("--image-dir", required=True, help="folder the CSV's gt_image (and ref_image) names are relative to")
+    p.add_argument("--lq-dir", default="", help="folder of the given degraded images (default: --image-dir)")
+    p.add_argument("--ref-dir", default="", help="folder of the references (default: --image-dir)")
+    p.add_argument("--refs", type=int, choices=(0, 1, 2, 3), default=3, help="references given to the model")
+    p.add_argument("--output-dir", default="", help="default: CHECKPOINT/eval/<csv name>_refs<k>")
+    p.add_argument("--dataset", default="", help="dataset name in the summary for rows without a `dataset` "
+                                                 "column (default: the CSV's name)")
+    p.add_argument("--method", default="", help="method name in the summary (default: 'IConFace (step N)')")
+    p.add_argument("--degradation", default="", help="preset for rows without lq_image (default: the config's mix)")
+    p.add_argument("--adaface", default="", help="converted AdaFace directory for the identity metrics "
+                                                 "(default: the run's face encoder)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0: all)")
+    p.add_argument("--sheet-rows", type=int, default=8, help="rows of the contact sheet")
+    p.add_argument("--no-iqa", action="store_true", help="skip MUSIQ, CLIP-IQA and MANIQA even if pyiqa is present")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even where an EMA was kept")
+    args = p.parse_args(argv)
+    try:
+        return evaluate(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""Evaluation: PSNR/SSIM definitions, pyiqa's offline guard, and the CLI end to end on ../shared/faces."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import socket
+import sys
+import types
+
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import signal
+
+from iconface_jax import evaluate, metrics, weights
+from iconface_jax.models import adaface
+
+
+def naive_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM of one channel written out with scipy's valid-region correlation (an independent check)."""
+    ax = np.arange(11) - 5
+    g = np.exp(-(ax**2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    f = lambda z: signal.correlate2d(z, w, mode="valid")  # noqa: E731
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    mx, my = f(x), f(y)
+    vx, vy, cxy = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
+
+
+def test_psnr_and_ssim():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    assert metrics.psnr(a, a) == metrics.PSNR_CAP_DB == 100.0
+    assert metrics.psnr(a, np.clip(a.astype(int) + 1, 0, 255).astype(np.uint8)) > 48.0  # mse <= 1: >= 48.13 dB
+    flat = np.full((16, 16, 3), 100, np.uint8)
+    assert metrics.psnr(flat, flat + 1) == pytest.approx(10 * np.log10(255.0**2))
+    assert metrics.ssim(a, a) == pytest.approx(1.0)
+    want = np.mean([naive_ssim(a[..., c], b[..., c]) for c in range(3)])
+    assert metrics.ssim(a, b) == pytest.approx(want, abs=1e-9)
+    assert metrics.ssim(a, b) == pytest.approx(metrics.ssim(b, a))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.ssim(a, b[:-1])
+    assert metrics.cosine(np.ones(4), 2 * np.ones(4)) == pytest.approx(1.0)
+
+
+def test_iqa_without_pyiqa_says_so(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyiqa", None)  # import pyiqa -> ImportError
+    scorers, messages = metrics.load_iqa()
+    assert scorers == {} and "pyiqa is not installed" in messages[0]
+
+
+def test_iqa_never_downloads(monkeypatch):
+    """A metric whose weights are absent (pyiqa would download them) is reported and skipped, offline."""
+    pytest.importorskip("torch", reason="pyiqa scores torch tensors")
+    def create_metric(name, device, as_loss):
+        if name == "musiq":
+            return lambda x: x.mean(dim=(1, 2, 3))
+        if name == "clipiqa":
+            socket.create_connection(("127.0.0.1", 9), timeout=1)  # what a download starts with
+        raise FileNotFoundError(f"no weights for {name}")
+
+    monkeypatch.setitem(sys.modules, "pyiqa", types.SimpleNamespace(create_metric=create_metric))
+    connect = socket.socket.connect
+    scorers, messages = metrics.load_iqa()
+    assert sorted(scorers) == ["MUSIQ"]
+    assert scorers["MUSIQ"](np.full((8, 8, 3), 255, np.uint8)) == pytest.approx(1.0)
+    assert "CLIP-IQA" in messages[0] and "network access is disabled" in messages[0]
+    assert "MANIQA" in messages[1] and "no weights for maniqa" in messages[1]
+    assert socket.socket.connect is connect
+
+
+@pytest.fixture
+def faces_csv(shared_dir, tmp_path):
+    """Four rows over ../shared/faces: two with the benchmark's degraded image (and their own dataset names),
+    one degraded here, one whose 'degraded' image is its ground truth (PSNR at the cap)."""
+    faces = shared_dir / "faces"
+    cases = [sorted((faces / split).iterdir())[0] for split in ("supp_ref_ffhq_moderate", "supp_ref_celeba_test_ref")]
+    rel = lambda p: str(p.relative_to(faces))  # noqa: E731
+    path = tmp_path / "rows.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["gt_image", "lq_image", "ref_image", "dataset"])
+        for case, name in zip(cases, ("FFHQ-Ref Moderate", "CelebA-Test-Ref")):
+            w.writerow([rel(case / "gt.jpg"), rel(case / "deg.jpg"), repr([rel(case / "ref1.jpg")]), name])
+        w.writerow([rel(cases[0] / "gt.jpg"), "", repr([rel(cases[0] / "ref1.jpg")])])
+        w.writerow([rel(cases[1] / "gt.jpg"), rel(cases[1] / "gt.jpg"), repr([rel(cases[1] / "ref1.jpg")])])
+    return path, faces
+
+
+def test_evaluate_end_to_end(toy_run, faces_csv, tmp_path, capsys):
+    csv_path, faces = faces_csv
+    out = tmp_path / "eval"
+    args = ["--checkpoint", str(toy_run), "--csv", str(csv_path), "--image-dir", str(faces), "--refs", "1",
+            "--steps", "2", "--output-dir", str(out), "--no-iqa"]
+    assert evaluate.main(args) == 0
+    with open(out / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["index"]) for r in rows] == [0, 1, 2, 3]
+    assert [r["degradation"] for r in rows] == ["given", "given", rows[2]["degradation"], "given"]
+    assert rows[2]["degradation"] in ("moderate", "severe") and (out / "degraded" / rows[2]["restored"]).is_file()
+    for r in rows:
+        for m in ("ref_adaface", "gt_adaface", "psnr", "ssim"):
+            assert np.isfinite(float(r[m])) and np.isfinite(float(r["lq_" + m])), (m, r)
+        assert r["musiq"] == "" and int(r["refs_used"]) == 1
+        assert (out / "restored" / r["restored"]).is_file()
+    assert float(rows[3]["lq_psnr"]) == metrics.PSNR_CAP_DB and float(rows[3]["lq_ssim"]) == pytest.approx(1.0)
+    assert float(rows[3]["lq_gt_adaface"]) == pytest.approx(1.0, abs=1e-5)
+    summary = (out / "summary.md").read_text()
+    assert "| Method | Dataset | Ref-AdaFace ↑ | GT-AdaFace ↑ | PSNR ↑ | SSIM ↑ | MUSIQ ↑" in summary
+    for dataset in ("FFHQ-Ref Moderate", "CelebA-Test-Ref", "rows"):  # rows without a dataset: the CSV's name
+        assert f"| IConFace (step 6) | {dataset} |" in summary and f"| Input (LQ) | {dataset} |" in summary
+    assert (out / "summary.csv").is_file() and (out / "contact_sheet.png").stat().st_size > 0
+    assert "Ref-AdaFace" in capsys.readouterr().out
+
+    # Resumable: nothing is redone; other settings in the same folder are refused.
+    assert evaluate.main(args) == 0
+    assert "4 already done" in capsys.readouterr().err
+    with open(out / "per_image.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+    assert evaluate.main([*args[:-3], "--steps", "3", "--output-dir", str(out), "--no-iqa"]) == 1
+    assert "other settings" in capsys.readouterr().err
+
+    # --adaface: identity metrics from a converted AdaFace directory instead of the run's encoder.
+    config = adaface.AdaFaceConfig(units=(1, 1, 1, 1), channels=(8, 8, 16, 16))
+    model = adaface.AdaFace(config, rngs=nnx.Rngs(3))
+    params = {k: np.asarray(v.get_value()) for k, v in weights.base_params(model).items()}
+    weights.save(str(tmp_path / "adaface"), adaface.FAMILY, dataclasses.asdict(config), params)
+    assert evaluate.main([*args[:-3], "--output-dir", str(tmp_path / "eval2"), "--no-iqa", "--limit", "1",
+                          "--adaface", str(tmp_path / "adaface")]) == 0
+    assert "randomly initialised" not in capsys.readouterr().err
+    with open(tmp_path / "eval2" / "per_image.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert np.isfinite(float(row["ref_adaface"])) and row["ref_adaface"] != rows[0]["ref_adaface"]
+
+
+def test_bad_rows_name_row_and_file(tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    path.write_text("gt_image,lq_image,ref_image\nmissing.png,,[]\n")
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--csv", str(path), "--image-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.csv row 2" in err and "missing.png" in err
+    path.write_text("gt_image,ref_image\nmissing.png,not a list\n")
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--csv", str(path), "--image-dir", str(tmp_path)]) == 1
+    assert "not a Python list literal" in capsys.readouterr().err
