@@ -33,7 +33,7 @@ from iconface_jax.system import FaceSystem, grid_of
 
 
 def restore(system: FaceSystem, degraded: jax.Array, references: jax.Array, key: jax.Array,
-            steps: int = 12, guidance: float = 4.0) -> jax.Array:
+            steps: int = 12, guidance: float = 4.0, on_step=None) -> jax.Array:
     """Restored images (B, H, W, 3) in [-1, 1] from degraded (B, H, W, 3) and references (B, R, H, W, 3)."""
     b, h, w, _ = degraded.shape
     x_deg, x_refs = system.encode(degraded), system.encode(references)
@@ -47,7 +47,7 @@ def restore(system: FaceSystem, degraded: jax.Array, references: jax.Array, key:
         return system.model(z2, twice(x_deg), twice(x_refs), text, sigma2, twice(e_id), grid=grid)
 
     noise = jax.random.normal(key, x_deg.shape, jnp.float32)
-    z0 = sampling.sample(velocity, noise, sampling.schedule(steps, x_deg.shape[1]), guidance)
+    z0 = sampling.sample(velocity, noise, sampling.schedule(steps, x_deg.shape[1]), guidance, on_step)
     return jnp.clip(system.decode(z0, h, w), -1.0, 1.0)
 
 
@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"restoring {len(jobs)} image(s) with the step-{step} model of {args.checkpoint}", file=sys.stderr)
     size = cfg.data.resolution
-    run = nnx.jit(partial(restore, steps=args.steps, guidance=args.guidance))
+    # One image: a bar over its sampling steps; many: a bar over the images.
+    step_bar = tqdm(total=args.steps, unit="step", file=sys.stderr) if len(jobs) == 1 else None
+    run = nnx.jit(partial(restore, steps=args.steps, guidance=args.guidance,
+                          on_step=(lambda i: step_bar.update(1)) if step_bar else None))
     failed = 0
     for degraded_path, ref_paths, out_path in tqdm(jobs, unit="image", file=sys.stderr, disable=len(jobs) < 2):
         if len(jobs) > 1 and os.path.exists(out_path):
@@ -178,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             row = [degraded, *refs[0], np.asarray(out[0])]
             strip = from_model(np.concatenate(row, axis=1), (size, size * len(row)))
             Image.fromarray(strip).save(os.path.splitext(out_path)[0] + "_strip.png")
+    if step_bar is not None:
+        step_bar.close()
     if failed:
         print(f"{failed} image(s) skipped", file=sys.stderr)
     return 1 if failed == len(jobs) else 0

@@ -34,11 +34,12 @@ def schedule(num_steps: int, image_seq_len: int) -> np.ndarray:
 
 
 def sample(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise: jax.Array, sigmas: np.ndarray,
-           guidance: float) -> jax.Array:
+           guidance: float, on_step: Callable[[jax.Array], None] | None = None) -> jax.Array:
     """Integrates dz = v dsigma from sigma = 1 to 0; returns z0.
 
     `velocity(z2, sigma2)` maps a doubled batch [z; z] (conditional then unconditional) to velocities;
     with guidance 1 or less only the conditional branch would matter, but one compiled shape is kept.
+    `on_step(i)` is called on the host after each step (progress bars), from inside the compiled loop.
     """
     sigmas = jnp.asarray(sigmas, jnp.float32)
     b = noise.shape[0]
@@ -48,6 +49,9 @@ def sample(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise: jax.Arr
         v = velocity(jnp.concatenate([z, z], axis=0), sigma).astype(jnp.float32)
         cond, uncond = v[:b], v[b:]
         v = uncond + guidance * (cond - uncond)
-        return (z.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v).astype(z.dtype)
+        z = (z.astype(jnp.float32) + (sigmas[i + 1] - sigmas[i]) * v).astype(z.dtype)
+        if on_step is not None:
+            jax.debug.callback(on_step, i, ordered=True)
+        return z
 
     return jax.lax.fori_loop(0, len(sigmas) - 1, step, noise)

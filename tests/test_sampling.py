@@ -1,6 +1,7 @@
 """Sampler: schedule equals diffusers' FLUX.2-klein scheduler; Euler with CFG on hand-derivable fields."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,3 +51,12 @@ def test_guidance_one_is_the_conditional_branch():
     for i in range(4):  # Euler on the conditional field alone
         z = z + (sigmas[i + 1] - sigmas[i]) * (0.3 + 0.1 * z)
     np.testing.assert_allclose(guided, z, rtol=1e-6)
+
+
+def test_on_step_reports_every_step_from_the_compiled_loop():
+    seen = []
+    out = jax.jit(lambda z: sampling.sample(lambda z2, s: jnp.zeros_like(z2), z, sampling.schedule(5, 16), 4.0,
+                                            on_step=lambda i: seen.append(int(i))))(jnp.ones((1, 2)))
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+    assert seen == [0, 1, 2, 3, 4]
