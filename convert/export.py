@@ -23,16 +23,15 @@ import dataclasses
 import json
 import os
 import shutil
-import struct
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import ml_collections
-import ml_dtypes
 import numpy as np
 
 from convert.flux2 import diffusers_key
+from convert.safetensors_file import Lazy, write_safetensors
 from iconface_jax import restore, weights
 from iconface_jax.models import flux2, iconface, lora
 from iconface_jax.system import FaceSystem
@@ -57,45 +56,6 @@ Dm = memory_dim, r = residual_rank, k = xattn_rank; a group is absent when the v
   prompt_embeds (T, joint_dim), negative_prompt_embeds (T, joint_dim)   restoration prompt and CFG's empty prompt
 __metadata__["iconface"]: JSON {schema_version, config (IConFaceConfig), hidden_size, num_layers,
   num_single_layers, step, base_weights, train_base}."""
-
-_ST_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Lazy:
-    """A tensor written to disk only when its turn comes (one at a time: peak memory one tensor)."""
-
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    make: Callable[[], np.ndarray]
-
-
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray | Lazy], metadata: Mapping[str, str]) -> None:
-    """Writes a safetensors file (little-endian, 8-byte aligned header) without torch or `safetensors`."""
-    header: dict = {"__metadata__": dict(metadata)}
-    specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
-    offset = 0
-    for name in sorted(specs):
-        dtype, shape = specs[name]
-        if np.dtype(dtype) not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, expected float32, float16 or bfloat16")
-        size = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
-        header[name] = {"dtype": _ST_DTYPES[np.dtype(dtype)], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in sorted(specs):
-            t = tensors[name]
-            array = np.ascontiguousarray(t.make() if isinstance(t, Lazy) else t)
-            if array.dtype != np.dtype(specs[name][0]) or array.shape != specs[name][1]:
-                raise ValueError(f"{path}: tensor {name!r} came out {array.dtype}{array.shape}, "
-                                 f"declared {specs[name][0]}{specs[name][1]}")
-            f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-
 
 def _np(value) -> np.ndarray:
     return np.asarray(value.get_value() if hasattr(value, "get_value") else value)

@@ -1,4 +1,4 @@
-"""A dependency-free safetensors reader that streams one tensor at a time.
+"""A dependency-free safetensors reader and writer that stream one tensor at a time.
 
 numpy has no bfloat16, so BF16 tensors are returned as `ml_dtypes.bfloat16` arrays; the `safetensors`
 package's numpy backend refuses them and its torch backend would make torch a runtime dependency.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -87,3 +88,42 @@ class Reader:
         if array.size != count:
             raise SafetensorsError(f"{info.path}: tensor {key!r} is cut short (file truncated?)")
         return array.reshape(info.shape)
+
+
+_WRITE_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}
+
+
+@dataclass(frozen=True)
+class Lazy:
+    """A tensor written to disk only when its turn comes (one at a time: peak memory one tensor)."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], np.ndarray]
+
+
+def write_safetensors(path: str, tensors: Mapping[str, np.ndarray | Lazy], metadata: Mapping[str, str]) -> None:
+    """Writes a safetensors file (little-endian, 8-byte aligned header) without torch or `safetensors`."""
+    header: dict = {"__metadata__": dict(metadata)}
+    specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    offset = 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        if np.dtype(dtype) not in _WRITE_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}, expected float32, float16 or bfloat16")
+        size = np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": _WRITE_DTYPES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in sorted(specs):
+            t = tensors[name]
+            array = np.ascontiguousarray(t.make() if isinstance(t, Lazy) else t)
+            if array.dtype != np.dtype(specs[name][0]) or array.shape != specs[name][1]:
+                raise ValueError(f"{path}: tensor {name!r} came out {array.dtype}{array.shape}, "
+                                 f"declared {specs[name][0]}{specs[name][1]}")
+            f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())

@@ -47,8 +47,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from iconface_jax import metrics, restore
-from iconface_jax.data import degrade
-from iconface_jax.data.sources import FFHQRefSource
+from iconface_jax.data import degrade, sources
 from iconface_jax.models import adaface
 from iconface_jax.system import FaceSystem
 
@@ -92,7 +91,7 @@ def read_rows(csv_path: str, image_dir: str, lq_dir: str, ref_dir: str, dataset:
 
             def resolve(name: str, directory: str) -> str:
                 # FFHQ's nested layout (00000/00000.png) is found as the training pipeline finds it.
-                path = FFHQRefSource._resolve(name, directory)
+                path = sources.resolve_image(name, directory)
                 if path is None:
                     raise ValueError(f"{where}: {os.path.join(directory, name)} does not exist")
                 return path

@@ -180,6 +180,19 @@ def _split_stems(path: str) -> set[str]:
         return {_stem(line) for line in f if line.strip()}
 
 
+def resolve_image(name: str, directory: str) -> str | None:
+    """The file `name` in `directory`, or in FFHQ's thousands subfolder (00000/00042.png); None if absent."""
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+        return path
+    stem = _stem(name)
+    if stem.isdigit():
+        nested = os.path.join(directory, f"{int(stem) // 1000 * 1000:05d}", os.path.basename(name))
+        if os.path.isfile(nested):
+            return nested
+    return None
+
+
 class FFHQRefSource:
     """FFHQ-Ref reference-mapping CSV (`gt_image`, optional `lq_image`, `ref_image` list literal).
 
@@ -206,18 +219,6 @@ class FFHQRefSource:
                     self.records.append(record)
         self.issues = _report(f"FFHQ-Ref {csv_path}", issues, len(self.records))
 
-    @staticmethod
-    def _resolve(name: str, directory: str) -> str | None:
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return path
-        stem = _stem(name)
-        if stem.isdigit():
-            nested = os.path.join(directory, f"{int(stem) // 1000 * 1000:05d}", os.path.basename(name))
-            if os.path.isfile(nested):
-                return nested
-        return None
-
     def _parse(self, row: dict[str, Any], image_dir: str, lq_dir: str, ref_dir: str,
                split: set[str] | None, issues: Counter) -> Record | None:
         gt_name = (row.get("gt_image") or "").strip()
@@ -235,7 +236,7 @@ class FFHQRefSource:
         if split is not None and _stem(gt_name) not in split:
             issues["outside_split"] += 1
             return None
-        gt = self._resolve(gt_name, image_dir)
+        gt = resolve_image(gt_name, image_dir)
         if gt is None:
             issues["missing_file"] += 1
             return None
@@ -244,7 +245,7 @@ class FFHQRefSource:
             if split is not None and _stem(name) not in split:
                 issues["reference_outside_split"] += 1
                 continue
-            path = self._resolve(name, ref_dir)
+            path = resolve_image(name, ref_dir)
             if path is None:
                 issues["missing_file"] += 1
             elif path == gt or path in refs:
@@ -257,7 +258,7 @@ class FFHQRefSource:
         lq = None
         lq_name = (row.get("lq_image") or "").strip()
         if lq_name and lq_dir:
-            lq = self._resolve(lq_name, lq_dir)
+            lq = resolve_image(lq_name, lq_dir)
             if lq is None:
                 issues["missing_file"] += 1
         return Record(gt=gt, refs=tuple(refs), lq=lq)
