@@ -23,13 +23,14 @@ def get_config() -> ml_collections.ConfigDict:
         attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8), mlp_ratio=2.0, joint_attention_dim=32))
     c.model.precision = "float32"
     c.model.attention = ""  # backend; empty: the platform default
+    c.model.remat = "none"  # transformer blocks: none | full (keep block inputs) | save_dots (and matmul outputs)
     c.model.lora = ml_collections.ConfigDict(dict(rank=8, alpha=8.0, feed_forward=True))
     # From scratch the base is random: train it too (the real config freezes it and trains LoRA).
     c.model.train_base = True
     c.model.iconface = ml_collections.ConfigDict(dict(
         variant="full", memory_tokens=16, memory_dim=32, pool_heads=2, xattn_rank=16, xattn_heads=2,
-        residual_rank=8))
-    c.model.autoencoder = ml_collections.ConfigDict(dict(kind="patchify", factor=8, weights=""))
+        residual_rank=8, reference_cache=False))
+    c.model.autoencoder = ml_collections.ConfigDict(dict(kind="patchify", factor=8, weights="", remat_decoder=False))
     c.model.face_encoder = ml_collections.ConfigDict(dict(
         weights="", units=(1, 1, 1, 1), channels=(8, 8, 16, 16)))
     c.model.text = ml_collections.ConfigDict(dict(embeddings="", length=8))

@@ -19,11 +19,17 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.model.weights = "weights/klein-base-4b"  # python -m convert.flux2 --src .../transformer --dst ...
     c.model.backbone = ml_collections.ConfigDict(dict(preset="klein-base-4b"))
     c.model.precision = "bf16"
-    c.model.attention = ""
+    c.model.attention = ""  # empty: cudnn on GPU, splash on TPU
+    # Transformer blocks rematerialised in the backward pass: none | full | save_dots. "full" keeps only block
+    # inputs (B=4 R=3 per 80 GB GPU, TPU v5e); with `remat_decoder` the identity loss's VAE decoder too.
+    c.model.remat = "none"
     c.model.lora = ml_collections.ConfigDict(dict(rank=16, alpha=16.0, feed_forward=False))
     c.model.train_base = False
-    c.model.iconface = ml_collections.ConfigDict(dict(variant=variant))
-    c.model.autoencoder = ml_collections.ConfigDict(dict(kind="vae", factor=8, weights="weights/flux2-vae"))
+    # reference_cache: degraded and reference tokens attend only among themselves at sigma 0, so sampling
+    # computes their keys and values once per image (BUILD_NOTES.md); a different model: train with it.
+    c.model.iconface = ml_collections.ConfigDict(dict(variant=variant, reference_cache=False))
+    c.model.autoencoder = ml_collections.ConfigDict(dict(kind="vae", factor=8, weights="weights/flux2-vae",
+                                                        remat_decoder=False))
     c.model.face_encoder = ml_collections.ConfigDict(dict(
         weights="weights/adaface-ir50", units=(3, 4, 14, 3), channels=(64, 128, 256, 512)))  # shape used without weights
     c.model.text = ml_collections.ConfigDict(dict(embeddings="weights/restore_prompt.npz", length=512))

@@ -15,7 +15,9 @@ degraded (B, h*w, C), references (B, R, h*w, C) with R >= 0); text (B, T, joint_
 embeddings (`side.prompt_embeds`, `side.negative_prompt_embeds`); sigma (B,) in [0, 1]; e_id (B, 512) the
 unit identity anchor (`identity_anchor`). The returned scene velocity drops into a flow-match Euler
 sampler as diffusers' transformer output does. Side pathways and inputs must share the transformer's
-dtype (`side.to(torch.bfloat16)` for a bf16 transformer); the parity tests run float32.
+dtype (`side.to(torch.bfloat16)` for a bf16 transformer); the parity tests run float32. A model
+trained with `reference_cache` runs as diffusers' Flux2 KV "extract" pass (its KV attention processors
+are set on the transformer; they equal the plain ones without KV arguments).
 """
 from __future__ import annotations
 
@@ -203,32 +205,51 @@ def iconface_velocity(transformer: nn.Module, side: IConFaceSide, scene: torch.T
     cfg, bb = side.config, transformer
     degraded_grid = degraded_grid or grid
     b, n_scene, n_deg, n_refs = scene.shape[0], scene.shape[1], degraded.shape[1], references.shape[1]
-    segments = [image_ids(cfg["t_scene"], grid), image_ids(cfg["t_degraded"], degraded_grid)]
-    segments += [image_ids(cfg["t_reference"] + r, grid) for r in range(n_refs)]
-    img_rope, txt_rope = bb.pos_embed(torch.cat(segments)), bb.pos_embed(text_ids(text.shape[1]))
+    conditioning = torch.cat([degraded, references.reshape(b, -1, references.shape[-1])], dim=1)
+    conditioning_ids = torch.cat([image_ids(cfg["t_degraded"], degraded_grid)]
+                                 + [image_ids(cfg["t_reference"] + r, grid) for r in range(n_refs)])
+    cached = cfg.get("reference_cache", False)
+    n_cond = conditioning.shape[1]
+    # The reference cache runs as diffusers' Flux2 KV "extract" pass: cached tokens first in the image stream.
+    segments = [(scene, image_ids(cfg["t_scene"], grid)), (conditioning, conditioning_ids)]
+    if cached:
+        segments.reverse()
+    tokens, ids = torch.cat([t for t, _ in segments], 1), torch.cat([i for _, i in segments])
+    scene_at, deg_at = (n_cond, 0) if cached else (0, n_scene)
+    img_rope, txt_rope = bb.pos_embed(ids), bb.pos_embed(text_ids(text.shape[1]))
     rope = (torch.cat([txt_rope[0], img_rope[0]]), torch.cat([txt_rope[1], img_rope[1]]))
 
     temb = bb.time_guidance_embed(sigma.to(scene.dtype) * 1000, None)
     mod_img, mod_txt = bb.double_stream_modulation_img(temb), bb.double_stream_modulation_txt(temb)
     mod_single = bb.single_stream_modulation(temb)
 
-    tokens = torch.cat([scene, degraded, references.reshape(b, -1, references.shape[-1])], dim=1)
     img, txt = bb.x_embedder(tokens), bb.context_embedder(text)
-    x_deg = img[:, n_scene:n_scene + n_deg]
+    x_deg = img[:, deg_at:deg_at + n_deg]
     residual, identity, routes = VARIANTS[cfg["variant"]]
+    scene_slice = slice(scene_at, scene_at + n_scene)
     if residual:
-        img = torch.cat([img[:, :n_scene] + side.structure.residual(x_deg, degraded_grid, grid), img[:, n_scene:]], 1)
+        img = torch.cat([img[:, :scene_at], img[:, scene_slice] + side.structure.residual(x_deg, degraded_grid, grid),
+                         img[:, scene_at + n_scene:]], 1)
     memory = side.structure.memory(x_deg, degraded_grid) if routes else None
 
     n_txt, n_img = txt.shape[1], img.shape[1]
+    d_dbl = d_sgl = 0
     if identity:
         if e_id is None:
             raise ValueError(f"variant {cfg['variant']!r} needs the identity anchor e_id")
         d_dbl, d_sgl = side.identity(e_id)
-        mod_img = mod_img + d_dbl
-        # diffusers' single block takes a per-token modulation (B, L, 3D): text keeps the shared one.
-        mod_single = torch.cat([mod_single[:, None].expand(-1, n_txt, -1),
-                                (mod_single + d_sgl)[:, None].expand(-1, n_img, -1)], dim=1)
+    # diffusers' blocks take per-token modulations (B, L, kD): text keeps the shared single-stream one.
+    per_token = lambda m, n: m[:, None].expand(-1, n, -1)  # noqa: E731
+    mod_single = torch.cat([per_token(mod_single, n_txt), per_token(mod_single + d_sgl, n_img)], dim=1)
+    mod_img = mod_img + d_dbl
+    kwargs = None
+    if cached:  # cached tokens: modulated at timestep 0 and attending only among themselves
+        temb0 = bb.time_guidance_embed(torch.zeros_like(sigma, dtype=scene.dtype), None)
+        mod_img = torch.cat([per_token(bb.double_stream_modulation_img(temb0) + d_dbl, n_cond),
+                             per_token(mod_img, n_scene)], dim=1)
+        mod_single[:, n_txt:n_txt + n_cond] = per_token(bb.single_stream_modulation(temb0) + d_sgl, n_cond)
+        _use_kv_processors(bb)
+        kwargs = {"kv_cache": None, "kv_cache_mode": "extract", "num_ref_tokens": n_cond, "num_txt_tokens": n_txt}
 
     def read_memory(index: int, h: torch.Tensor, start: int) -> torch.Tensor:
         if memory is None:
@@ -237,11 +258,23 @@ def iconface_velocity(transformer: nn.Module, side: IConFaceSide, scene: torch.T
         return torch.cat([h[:, :start], scene_h, h[:, start + n_scene:]], dim=1)
 
     for i, block in enumerate(bb.transformer_blocks):
+        double_kwargs = None if kwargs is None else {k: v for k, v in kwargs.items() if k != "num_txt_tokens"}
         txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb_mod_img=mod_img,
-                         temb_mod_txt=mod_txt, image_rotary_emb=rope)
-        img = read_memory(i, img, 0)
+                         temb_mod_txt=mod_txt, image_rotary_emb=rope, joint_attention_kwargs=double_kwargs)
+        img = read_memory(i, img, scene_at)
     x = torch.cat([txt, img], dim=1)
     for i, block in enumerate(bb.single_transformer_blocks):
-        x = block(hidden_states=x, encoder_hidden_states=None, temb_mod=mod_single, image_rotary_emb=rope)
-        x = read_memory(len(bb.transformer_blocks) + i, x, n_txt)
-    return bb.proj_out(bb.norm_out(x[:, n_txt:n_txt + n_scene], temb))
+        x = block(hidden_states=x, encoder_hidden_states=None, temb_mod=mod_single, image_rotary_emb=rope,
+                  joint_attention_kwargs=kwargs)
+        x = read_memory(len(bb.transformer_blocks) + i, x, n_txt + scene_at)
+    return bb.proj_out(bb.norm_out(x[:, n_txt + scene_at:n_txt + scene_at + n_scene], temb))
+
+
+def _use_kv_processors(transformer: nn.Module) -> None:
+    """diffusers' Flux2 KV attention processors (as its Klein KV pipeline sets them; equal without KV arguments)."""
+    from diffusers.models.transformers.transformer_flux2 import (Flux2KVAttnProcessor,
+                                                                 Flux2KVParallelSelfAttnProcessor)
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in transformer.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())

@@ -4,13 +4,14 @@ Random weights (speed does not depend on values). Each sample is DESIGN.md's hyb
 scene, degraded and R reference segments. Rows per (B, R): (a) backbone forward and LoRA step
 (flow-matching loss only), (b) the full IConFace training step (side pathways, identity loss through
 the VAE decoder and AdaFace), (c) a guided restoration of one face (wall time with VAE encode and
-decode). Prints one table (ms/step, samples/s, MFU against a matmul peak measured in the same run,
+decode), in full attention and with the reference-token cache. Prints one table (ms/step, samples/s, MFU against a matmul peak measured in the same run,
 (d) compile time, (e) peak device memory) and writes it as JSON.
 On CPU the defaults shrink to the tiny preset and small images so the run takes seconds.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -29,12 +30,13 @@ from iconface_jax.models.layers import Precision
 from iconface_jax.system import FaceSystem
 
 
-def model_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int) -> tuple[float, float]:
-    """Forward FLOPs of one sample, (linear, attention), DESIGN.md's formulas for any preset."""
+def model_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int, cached_len: int = 0) -> tuple[float, float]:
+    """Forward FLOPs of one sample, (linear, attention), DESIGN.md's formulas for any preset; `cached_len`
+    more keys come from a reference cache."""
     d, m = cfg.hidden_size, cfg.mlp_hidden
     per_token = 4 * d * d + 3 * d * m  # q, k, v, out + SwiGLU in (2m) and out (m)
     length, blocks = text_len + image_len, cfg.num_layers + cfg.num_single_layers
-    return 2.0 * length * per_token * blocks, 4.0 * length**2 * d * blocks
+    return 2.0 * length * per_token * blocks, 4.0 * length * (length + cached_len) * d * blocks
 
 
 def train_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int) -> float:
@@ -168,15 +170,24 @@ def bench_full(system: FaceSystem, cfg, batch: int, refs: int, grid: int, text_l
     n_img = (2 + refs) * grid * grid
     rows = [dict(kind="train iconface", B=batch, R=refs, tokens=text_len + n_img, ms=t_step * 1e3,
                  samples_s=batch / t_step, flops=batch * train_flops(cfg, text_len, n_img), compile_s=compile_s)]
-    run = nnx.jit(functools.partial(restore.restore, steps=restore_steps, guidance=4.0))
     deg, ref_images = images[:1, 1], images[:1, 2:]
-    start = time.perf_counter()
-    jax.block_until_ready(run(system, deg, ref_images, jax.random.key(0)))
-    compile_s = time.perf_counter() - start
-    t_restore = _timed(lambda: run(system, deg, ref_images, jax.random.key(0)), max(1, steps // 2))
-    lin, att = model_flops(cfg, text_len, n_img)
-    rows.append(dict(kind=f"restore {restore_steps} st", B=1, R=refs, tokens=text_len + n_img, ms=t_restore * 1e3,
-                     samples_s=1 / t_restore, flops=restore_steps * 2 * (lin + att), compile_s=compile_s))
+    n_scene, n_cond = grid * grid, (1 + refs) * grid * grid
+    for cached in (False, True):
+        # The cache is a model option; switching it here retraces, the weights stay the same.
+        system.model.config = dataclasses.replace(system.model.config, reference_cache=cached)
+        run = nnx.jit(functools.partial(restore.restore, steps=restore_steps, guidance=4.0))
+        start = time.perf_counter()
+        jax.block_until_ready(run(system, deg, ref_images, jax.random.key(0)))
+        compile_s = time.perf_counter() - start
+        t_restore = _timed(lambda: run(system, deg, ref_images, jax.random.key(0)), max(1, steps // 2))
+        if cached:  # one pass of the conditioning tokens, then steps over text + scene reading their cache
+            flops = sum(model_flops(cfg, 0, n_cond)) + restore_steps * 2 * sum(model_flops(cfg, text_len, n_scene, n_cond))
+        else:
+            flops = restore_steps * 2 * sum(model_flops(cfg, text_len, n_img))
+        rows.append(dict(kind=f"restore {restore_steps} st" + (" cache" if cached else ""), B=1, R=refs,
+                         tokens=text_len + n_img, ms=t_restore * 1e3, samples_s=1 / t_restore, flops=flops,
+                         compile_s=compile_s))
+    system.model.config = dataclasses.replace(system.model.config, reference_cache=False)
     return rows
 
 
@@ -222,9 +233,9 @@ def main(argv=None) -> int:
                   peak_tflops=peak / 1e12, peak_memory_gb=peak_memory_gb(), rows=rows)
     print(f"{args.preset} on {result['device']} ({args.precision}); measured matmul peak "
           f"{peak / 1e12:.2f} TFLOP/s; peak memory {result['peak_memory_gb']} GB")
-    print(f"{'kind':<16}{'B':>3}{'R':>3}{'tokens':>8}{'ms/step':>10}{'samples/s':>11}{'MFU':>7}{'compile s':>11}")
+    print(f"{'kind':<20}{'B':>3}{'R':>3}{'tokens':>8}{'ms/step':>10}{'samples/s':>11}{'MFU':>7}{'compile s':>11}")
     for r in rows:
-        print(f"{r['kind']:<16}{r['B']:>3}{r['R']:>3}{r['tokens']:>8}{r['ms']:>10.1f}{r['samples_s']:>11.2f}"
+        print(f"{r['kind']:<20}{r['B']:>3}{r['R']:>3}{r['tokens']:>8}{r['ms']:>10.1f}{r['samples_s']:>11.2f}"
               f"{r['mfu']:>7.3f}{r['compile_s']:>11.1f}")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -41,10 +41,12 @@ def restore(system: FaceSystem, degraded: jax.Array, references: jax.Array, key:
     e_id = system.anchor(degraded, references)
     text = jnp.concatenate([jnp.broadcast_to(system.prompt[...], (b, *system.prompt.shape)),
                             jnp.broadcast_to(system.empty[...], (b, *system.empty.shape))]).astype(x_deg.dtype)
-    twice = lambda x: jnp.concatenate([x, x])  # noqa: E731 (both guidance branches see the same images)
+    # Conditions (and the reference cache) once per image; both guidance branches see the same images.
+    cond = system.model.condition(x_deg, x_refs, e_id, grid=grid)
+    cond = jax.tree.map(lambda x: jnp.concatenate([x, x]), cond)
 
     def velocity(z2, sigma2):
-        return system.model(z2, twice(x_deg), twice(x_refs), text, sigma2, twice(e_id), grid=grid)
+        return system.model.velocity(z2, text, sigma2, cond)
 
     noise = jax.random.normal(key, x_deg.shape, jnp.float32)
     z0 = sampling.sample(velocity, noise, sampling.schedule(steps, x_deg.shape[1]), guidance, on_step)

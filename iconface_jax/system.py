@@ -62,17 +62,18 @@ def build(cfg: ml_collections.ConfigDict) -> FaceSystem:
     precision = Precision.named(m.precision)
     backend = m.attention or None
     if m.weights:
-        backbone = flux2.load(m.weights, precision, attention_backend=backend)
+        backbone = flux2.load(m.weights, precision, attention_backend=backend, remat=m.remat)
     else:
         fields = {k: v for k, v in m.backbone.items() if k != "preset"}
         arch = dataclasses.replace(flux2.PRESETS[m.backbone.preset], **fields)
-        backbone = flux2.build(arch, precision, seed=cfg.seed, attention_backend=backend)
+        backbone = flux2.build(arch, precision, seed=cfg.seed, attention_backend=backend, remat=m.remat)
     targets = lora.DEFAULT_TARGETS + (lora.FEED_FORWARD_TARGETS if m.lora.feed_forward else ())
     lora.add_lora(backbone, m.lora.rank, m.lora.alpha, targets, seed=cfg.seed)
     model = iconface.IConFace(backbone, iconface.IConFaceConfig(**m.iconface), seed=cfg.seed)
 
     if m.autoencoder.kind == "vae":
-        codec = vae.load(m.autoencoder.weights, dtype=precision.dtype, param_dtype=precision.param_dtype)
+        codec = vae.load(m.autoencoder.weights, dtype=precision.dtype, param_dtype=precision.param_dtype,
+                         remat_decoder=m.autoencoder.remat_decoder)
     elif m.autoencoder.kind == "patchify":
         codec = patchify.PatchAutoencoder(m.autoencoder.factor)
     else:
@@ -85,8 +86,6 @@ def build(cfg: ml_collections.ConfigDict) -> FaceSystem:
     else:
         prompt, empty = text.random_prompt_embeddings(m.text.length, backbone.config.joint_attention_dim, cfg.seed)
     return FaceSystem(model, codec, face, prompt, empty)
-
-
 
 
 def trainable_filter(cfg: ml_collections.ConfigDict):

@@ -28,7 +28,7 @@ from iconface_jax import bench, checkpointing, flow, losses, restore, sampling, 
 from iconface_jax import system as face_system
 from iconface_jax.data import pipeline
 from iconface_jax.models import flux2, iconface
-from iconface_jax.models.layers import Precision
+from iconface_jax.models.layers import REMAT_POLICIES, Precision
 
 SCHEDULE_STEPS = 12  # the paper's sampling steps, which set the dynamic shift that training matches
 
@@ -61,6 +61,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                        ("model.text.embeddings", cfg.model.text.embeddings)]:
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"config.{name}: {path} does not exist")
+    if cfg.model.remat != "none" and cfg.model.remat not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat {cfg.model.remat!r} is not 'none' or one of {sorted(REMAT_POLICIES)}")
     iconface.IConFaceConfig(**cfg.model.iconface)  # unknown variant or field fails here
 
 

@@ -14,12 +14,12 @@ def test_bench_tiny(tmp_path, capsys):
     assert bench.main(["--preset", "tiny", "--shapes", "1x0,1x2", "--image-size", "64", "--text-len", "16",
                        "--steps", "2", "--restore-steps", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    kinds = ["forward", "train lora r16", "train iconface", "restore 2 st"]
+    kinds = ["forward", "train lora r16", "train iconface", "restore 2 st", "restore 2 st cache"]
     assert [(r["kind"], r["B"], r["R"]) for r in result["rows"]] == (
         [(k, 1, 0) for k in kinds] + [(k, 1, 2) for k in kinds])
     for row in result["rows"]:
         assert np.isfinite(row["ms"]) and row["ms"] > 0 and 0 < row["mfu"] < 1 and row["compile_s"] > 0
-    assert result["rows"][4]["tokens"] == 16 + 4 * 16
+    assert result["rows"][5]["tokens"] == 16 + 4 * 16
     assert "samples/s" in capsys.readouterr().out
 
 
@@ -29,3 +29,5 @@ def test_flop_formula_matches_design():
     lin, att = bench.model_flops(cfg, 512, 1024 * 5)
     assert abs(lin / (2 * 5632 * 25) / 122.6e6 - 1) < 1e-3
     assert att == 4 * 5632**2 * 3072 * 25
+    # With the reference cache a step has 512 + 1024 queries over 5632 keys.
+    assert bench.model_flops(cfg, 512, 1024, cached_len=4096)[1] == 4 * 1536 * 5632 * 3072 * 25

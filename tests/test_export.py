@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, rel_err
 from convert import export
 from convert import torch_pathways as tp
-from iconface_jax import restore
+from iconface_jax import restore, sampling
 from iconface_jax import system as face_system
 from iconface_jax.models import iconface, lora
 
@@ -69,9 +70,12 @@ def load_transformer(path):
     return Flux2Transformer2DModel.from_pretrained(path).float().eval()
 
 
-@pytest.mark.parametrize("variant", sorted(iconface.VARIANTS))
-def test_export_matches_jax_through_peft(variant, tmp_path):
+@pytest.mark.parametrize("variant, cached", [(v, False) for v in sorted(iconface.VARIANTS)]
+                         + [("full", True), ("concat", True)])
+def test_export_matches_jax_through_peft(variant, cached, tmp_path):
+    """PyTorch (diffusers + peft; the reference cache as diffusers' KV extract pass) equals JAX."""
     cfg = demo_config(variant)
+    cfg.model.iconface.reference_cache = cached
     system = trained_like(face_system.build(cfg))
     out = tmp_path / "export"
     export.export(system, cfg, step=0, out=str(out), merged=True)
@@ -86,6 +90,9 @@ def test_export_matches_jax_through_peft(variant, tmp_path):
     # The adapter and its alpha / r scale are really in play.
     assert rel_err(torch_velocity(load_transformer(out / "base_transformer"), side, x), want) > 1e-3
     np.testing.assert_array_equal(side.prompt_embeds.numpy(), np.asarray(system.prompt[...]))
+    if cached:  # the cache mode is really on, on both sides
+        cfg.model.iconface.reference_cache = False
+        assert rel_err(jax_velocity(trained_like(face_system.build(cfg)), x), want) > 1e-3
 
 
 def test_side_file_schema(tmp_path):
@@ -170,3 +177,24 @@ def test_token_resampling_matches_jax(to):
     z = np.random.default_rng(2).standard_normal((2, 3, 512)).astype(np.float32)
     np.testing.assert_allclose(tp.identity_anchor(torch.from_numpy(z), torch.from_numpy(z[:, 0])).numpy(),
                                np.asarray(iconface.identity_anchor(jnp.asarray(z), jnp.asarray(z[:, 0]))), atol=1e-6)
+
+
+def test_restore_reuses_conditions_across_steps_and_branches():
+    """restore() computes the conditions (here the reference cache) once; stepping the full model equals it."""
+    cfg = demo_config("full")
+    cfg.model.iconface.reference_cache = True
+    system = trained_like(face_system.build(cfg))
+    rng = np.random.default_rng(0)
+    deg = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    refs = jnp.asarray(rng.uniform(-1, 1, (2, 2, 32, 32, 3)), jnp.float32)
+    key = jax.random.PRNGKey(0)
+    got = restore.restore(system, deg, refs, key, steps=3, guidance=2.0)
+
+    x_deg, x_refs, e_id = system.encode(deg), system.encode(refs), system.anchor(deg, refs)
+    text = jnp.concatenate([jnp.broadcast_to(system.prompt[...], (2, *system.prompt.shape)),
+                            jnp.broadcast_to(system.empty[...], (2, *system.empty.shape))])
+    twice = lambda a: jnp.concatenate([a, a])  # noqa: E731
+    full = lambda z2, s2: system.model(z2, twice(x_deg), twice(x_refs), text, s2, twice(e_id), grid=(4, 4))  # noqa: E731
+    z0 = sampling.sample(full, jax.random.normal(key, x_deg.shape), sampling.schedule(3, x_deg.shape[1]), 2.0)
+    want = jnp.clip(system.decode(z0, 32, 32), -1, 1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """FLUX.2 transformer: parity with diffusers (both checkpoint layouts), LoRA vs peft, counts, converter errors."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -112,6 +113,41 @@ def test_jitted_forward_with_traced_ids_matches(torch_model, converted):
     t = np.asarray([0.5, 0.25], np.float32)
     got = nnx.jit(lambda m, *a: m(*a))(model, x, ctx, t, img_ids, txt_ids)
     assert rel_err(got, torch_forward(torch_model, x, ctx, t, img_ids, txt_ids)) < 1e-4
+
+
+def test_reference_cache_matches_diffusers_kv_mode(torch_model, converted):
+    """Degraded and reference tokens cached at timestep 0 equal diffusers' Flux2 KV extract and cached modes."""
+    from diffusers.models.transformers.transformer_flux2 import (Flux2KVAttnProcessor,
+                                                                 Flux2KVParallelSelfAttnProcessor)
+    kv_model = copy.deepcopy(torch_model)
+    for block in kv_model.transformer_blocks:
+        block.attn.set_processor(Flux2KVAttnProcessor())
+    for block in kv_model.single_transformer_blocks:
+        block.attn.set_processor(Flux2KVParallelSelfAttnProcessor())
+    x, ctx, img_ids, txt_ids = make_inputs()
+    n = GRID * GRID
+    scene, refs, scene_ids, ref_ids = x[:, :n], x[:, n:], img_ids[:n], img_ids[n:]
+    t = torch.tensor([0.3, 0.9])
+    common = dict(encoder_hidden_states=torch.from_numpy(ctx), timestep=t, txt_ids=torch.from_numpy(txt_ids),
+                  return_dict=False)
+    with torch.no_grad():  # diffusers puts the cached tokens first: [references; image]
+        extracted, kv = kv_model(hidden_states=torch.from_numpy(np.concatenate([refs, scene], 1)),
+                                 img_ids=torch.from_numpy(np.concatenate([ref_ids, scene_ids])),
+                                 kv_cache_mode="extract", num_ref_tokens=refs.shape[1], ref_fixed_timestep=0.0,
+                                 **common)
+        cached = kv_model(hidden_states=torch.from_numpy(scene), img_ids=torch.from_numpy(scene_ids),
+                          kv_cache=kv, kv_cache_mode="cached", **common)[0]
+
+    model = flux2.load(str(converted / "jax_diffusers"))
+    cache = model.cache_references(refs, ref_ids, 0.0)
+    assert rel_err(cache.double[1][0], kv.get_double(1).k_ref.numpy()) < 1e-5
+    assert rel_err(cache.single[-1][1], kv.get_single(len(kv.single_block_caches) - 1).v_ref.numpy()) < 1e-5
+    got = np.asarray(model(scene, ctx, t.numpy(), scene_ids, txt_ids, cache=cache))
+    assert rel_err(got, extracted.numpy()) < 1e-5
+    assert rel_err(got, cached.numpy()) < 1e-5
+    # Attending only among themselves is a real change: full attention over the same tokens differs.
+    full = np.asarray(model(x, ctx, t.numpy(), img_ids, txt_ids))[:, :n]
+    assert rel_err(full, got) > 1e-3
 
 
 def test_lora_matches_peft(torch_model, converted):

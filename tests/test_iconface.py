@@ -53,6 +53,33 @@ def test_untrained_model_is_the_backbone(variant, refs):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["concat", "full"])
+@pytest.mark.parametrize("refs", [0, 2])
+def test_untrained_cached_model_is_the_cached_backbone(variant, refs):
+    """With the reference cache, zero side pathways leave the backbone with [degraded; refs] cached at sigma 0."""
+    bb = backbone()
+    model = iconface.IConFace(bb, dataclasses.replace(CFG, variant=variant, reference_cache=True))
+    x = inputs(refs)
+    b = x["scene"].shape[0]
+    conditioning = jnp.concatenate([x["degraded"], x["references"].reshape(b, -1, x["scene"].shape[-1])], 1)
+    ids = sequence.image_segment_ids(*GRID, refs)
+    cache = bb.cache_references(conditioning, ids[N:], 0.0)
+    want = bb(x["scene"], x["text"], x["sigma"], ids[:N], sequence.text_ids(6), cache=cache)
+    np.testing.assert_allclose(np.asarray(model(**x, grid=GRID)), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_cached_conditions_do_not_depend_on_sigma_or_text():
+    model = iconface.IConFace(backbone(), dataclasses.replace(CFG, reference_cache=True))
+    perturb(model, seed=3)
+    x = inputs(2)
+    cond = model.condition(x["degraded"], x["references"], x["e_id"], grid=GRID)
+    assert cond.tokens is None and len(cond.cache.double) == 2 and cond.cache.double[0][0].shape == (2, 3 * N, 2, 16)
+    for sigma, text in [(x["sigma"], x["text"]), (x["sigma"][::-1], 2 * x["text"])]:
+        step = model.velocity(x["scene"], text, sigma, cond)
+        full = model(**dict(x, sigma=sigma, text=text), grid=GRID)
+        np.testing.assert_allclose(np.asarray(step), np.asarray(full), rtol=1e-6, atol=1e-6)
+
+
 def test_no_reference_mode_has_no_reference_segment():
     bb = backbone()
     model = iconface.IConFace(bb, CFG)
@@ -75,10 +102,11 @@ def perturb(model, seed):
         var.set_value(jnp.asarray(0.05 * rng.standard_normal(var.get_value().shape), var.get_value().dtype))
 
 
-def test_every_side_pathway_learns_from_zero_init():
+@pytest.mark.parametrize("cached", [False, True])
+def test_every_side_pathway_learns_from_zero_init(cached):
     bb = backbone()
     lora.add_lora(bb, 4, 4.0)
-    model = iconface.IConFace(bb, CFG)
+    model = iconface.IConFace(bb, dataclasses.replace(CFG, reference_cache=cached))
     x = inputs(2)
     graphdef, params, rest = nnx.split(model, iconface.trainable, ...)
 
@@ -91,6 +119,30 @@ def test_every_side_pathway_learns_from_zero_init():
                  "memory_xattn.0.gamma", "memory_xattn.3.gamma"]:
         assert np.abs(flat[name]).max() > 0, name
     assert any(k.endswith("lora_b") and np.abs(v).max() > 0 for k, v in flat.items())
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots"])
+def test_block_remat_keeps_values_and_gradients(policy):
+    """Rematerialised blocks (with and without the reference cache) give the same loss and gradients."""
+    x = inputs(2)
+
+    def loss_and_grads(remat, cached):
+        bb = flux2.build(flux2.PRESETS["tiny"], seed=1, remat=remat)
+        lora.add_lora(bb, 4, 4.0)
+        model = iconface.IConFace(bb, dataclasses.replace(CFG, reference_cache=cached))
+        perturb(model, seed=2)
+        graphdef, params, rest = nnx.split(model, iconface.trainable, ...)
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(**x, grid=GRID) ** 2)  # noqa: E731
+        return jax.value_and_grad(loss)(params), jax.make_jaxpr(loss)(params)
+
+    for cached in (False, True):
+        (want, want_grads), plain = loss_and_grads("none", cached)
+        (got, grads), jaxpr = loss_and_grads(policy, cached)
+        assert "checkpoint" in str(jaxpr) or "remat" in str(jaxpr)
+        assert "remat" not in str(plain) and "checkpoint" not in str(plain)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
 
 
 def test_identity_anchor_hand_cases():

@@ -113,6 +113,7 @@ def test_nonfinite_steps_stop_the_run_with_a_message(tmp_path):
     ("--config.mesh.fsdp=3", "mesh"),
     ("--config.model.weights=/nonexistent/klein", "/nonexistent/klein"),
     ("--config.model.iconface.variant=two_route", "variant"),
+    ("--config.model.remat=some", "remat"),
 ])
 def test_config_errors_before_compiling(tmp_path, override, message):
     from iconface_jax import train

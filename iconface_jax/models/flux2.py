@@ -2,14 +2,20 @@
 
 Attribute names mirror diffusers' module names (`transformer_blocks.0.attn.to_out.0`), so a parameter's
 dotted path is its diffusers key with `weight` renamed `kernel` (Linear, stored (in, out)) or `scale`
-(RMSNorm). The forward pass is split into `embed`, the blocks and `head` so that the IConFace model
+(RMSNorm). The forward pass is split into `conditioning`, the blocks and `head` so that the IConFace model
 can run the same pieces with its side pathways in between.
+
+Reference-token cache (diffusers' Flux2 KV mode): tokens of clean conditioning images attend only among
+themselves at a fixed timestep, so their keys and values do not change from one sampling step to the next.
+`cache_references` runs them through the blocks once and keeps each block's keys and values; a forward
+with `cache=` appends them to its own keys and values instead of carrying those tokens in the sequence.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +24,7 @@ from flax import nnx
 
 from iconface_jax import weights
 from iconface_jax.models.attention import attention
-from iconface_jax.models.layers import Linear, Precision, RMSNorm, layer_norm
+from iconface_jax.models.layers import REMAT_POLICIES, Linear, Precision, RMSNorm, checkpointed, layer_norm
 
 FAMILY = "flux2"
 
@@ -60,9 +66,16 @@ PRESETS = {
 }
 
 # A modulation applied per segment of the sequence: ((token count, (B, k*D) modulation), ...) in order.
-# The backbone uses one segment; IConFace gives image tokens their own (identity deltas), and the
-# reference-token cache gives reference tokens a fixed-timestep modulation.
+# The backbone uses one segment; IConFace gives image tokens their own (identity deltas).
 Segments = Sequence[tuple[int, jax.Array]]
+KeysValues = tuple[jax.Array, jax.Array]
+
+
+class ReferenceCache(NamedTuple):
+    """Keys and values (B, L_ref, H, head_dim), after norm and RoPE, of cached tokens in every block."""
+
+    double: tuple[KeysValues, ...]
+    single: tuple[KeysValues, ...]
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -111,6 +124,13 @@ def _by_segment(x: jax.Array, segments: Segments, fn) -> jax.Array:
         return fn(x, segments[0][1])
     cuts = np.cumsum([n for n, _ in segments])[:-1].tolist()
     return jnp.concatenate([fn(p, m) for p, (_, m) in zip(jnp.split(x, cuts, axis=1), segments)], axis=1)
+
+
+def _with_cached(k: jax.Array, v: jax.Array, cached: KeysValues | None) -> KeysValues:
+    """Keys and values with a cache's appended (softmax does not care where keys sit in the sequence)."""
+    if cached is None:
+        return k, v
+    return jnp.concatenate([k, cached[0].astype(k.dtype)], axis=1), jnp.concatenate([v, cached[1].astype(v.dtype)], axis=1)
 
 
 def _as_segments(mod: jax.Array | Segments, length: int) -> Segments:
@@ -196,18 +216,21 @@ class Attention(nnx.Module):
         self.to_add_out = linear()
 
     def _heads(self, x):
-        return x.reshape(*x.shape[:-1], -1, self.head_dim)
+        return x.reshape(*x.shape[:-1], x.shape[-1] // self.head_dim, self.head_dim)  # (no -1: text may be empty)
 
-    def __call__(self, img: jax.Array, txt: jax.Array, rope) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, img: jax.Array, txt: jax.Array, rope,
+                 cached: KeysValues | None = None) -> tuple[jax.Array, jax.Array, KeysValues]:
+        """Image and text outputs, and the image tokens' keys and values (what a cache keeps)."""
         q = jnp.concatenate([self.norm_added_q(self._heads(self.add_q_proj(txt))),
                              self.norm_q(self._heads(self.to_q(img)))], axis=1)
         k = jnp.concatenate([self.norm_added_k(self._heads(self.add_k_proj(txt))),
                              self.norm_k(self._heads(self.to_k(img)))], axis=1)
         v = jnp.concatenate([self._heads(self.add_v_proj(txt)), self._heads(self.to_v(img))], axis=1)
-        out = attention(apply_rope(q, rope), apply_rope(k, rope), v, backend=self.backend)
-        out = out.reshape(*out.shape[:2], -1)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         n_txt = txt.shape[1]
-        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+        out = attention(q, *_with_cached(k, v, cached), backend=self.backend)
+        out = out.reshape(*out.shape[:2], -1)
+        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt]), (k[:, n_txt:], v[:, n_txt:])
 
 
 class TransformerBlock(nnx.Module):
@@ -220,12 +243,17 @@ class TransformerBlock(nnx.Module):
         self.ff_context = FeedForward(cfg.hidden_size, cfg.mlp_hidden, precision=precision, rngs=rngs)
 
     def __call__(self, img: jax.Array, txt: jax.Array, img_mod: jax.Array | Segments,
-                 txt_mod: jax.Array | Segments, rope) -> tuple[jax.Array, jax.Array]:
-        """One block; the modulations are (B, 6D) outputs of the shared heads, or per-segment ones."""
+                 txt_mod: jax.Array | Segments, rope,
+                 cached: KeysValues | None = None) -> tuple[jax.Array, jax.Array, KeysValues]:
+        """One block; the modulations are (B, 6D) outputs of the shared heads, or per-segment ones.
+
+        Returns the new image and text tokens and the image tokens' keys and values.
+        """
         img_mod, txt_mod = _as_segments(img_mod, img.shape[1]), _as_segments(txt_mod, txt.shape[1])
-        img_attn, txt_attn = self.attn(_modulated_norm(img, img_mod, 0, 2, self.eps),
-                                       _modulated_norm(txt, txt_mod, 0, 2, self.eps), rope)
-        return self._rest(img, img_attn, img_mod, self.ff), self._rest(txt, txt_attn, txt_mod, self.ff_context)
+        img_attn, txt_attn, kv = self.attn(_modulated_norm(img, img_mod, 0, 2, self.eps),
+                                           _modulated_norm(txt, txt_mod, 0, 2, self.eps), rope, cached)
+        return (self._rest(img, img_attn, img_mod, self.ff), self._rest(txt, txt_attn, txt_mod, self.ff_context),
+                kv)
 
     def _rest(self, x, attn_out, mod, ff):
         """Gated attention residual, then the gated MLP residual, for one stream."""
@@ -244,14 +272,16 @@ class ParallelSelfAttention(nnx.Module):
         self.norm_k = RMSNorm(self.head_dim, eps=cfg.eps, precision=precision)
         self.to_out = Linear(d + self.mlp_hidden, d, precision=precision, rngs=rngs)
 
-    def __call__(self, x: jax.Array, rope) -> jax.Array:
+    def __call__(self, x: jax.Array, rope, cached: KeysValues | None = None) -> tuple[jax.Array, KeysValues]:
+        """The block's residual branch, and the tokens' keys and values."""
         d = x.shape[-1]
         h = self.to_qkv_mlp_proj(x)
         q, k, v, gate, up = jnp.split(h, [d, 2 * d, 3 * d, 3 * d + self.mlp_hidden], axis=-1)
         heads = lambda y: y.reshape(*y.shape[:-1], -1, self.head_dim)  # noqa: E731
-        out = attention(apply_rope(self.norm_q(heads(q)), rope), apply_rope(self.norm_k(heads(k)), rope),
-                        heads(v), backend=self.backend)
-        return self.to_out(jnp.concatenate([out.reshape(*out.shape[:2], -1), jax.nn.silu(gate) * up], axis=-1))
+        q, k, v = apply_rope(self.norm_q(heads(q)), rope), apply_rope(self.norm_k(heads(k)), rope), heads(v)
+        out = attention(q, *_with_cached(k, v, cached), backend=self.backend)
+        out = self.to_out(jnp.concatenate([out.reshape(*out.shape[:2], -1), jax.nn.silu(gate) * up], axis=-1))
+        return out, (k, v)
 
 
 class SingleTransformerBlock(nnx.Module):
@@ -261,10 +291,15 @@ class SingleTransformerBlock(nnx.Module):
         self.eps = cfg.eps
         self.attn = ParallelSelfAttention(cfg, precision=precision, rngs=rngs, backend=backend)
 
-    def __call__(self, x: jax.Array, mod: jax.Array | Segments, rope) -> jax.Array:
-        """One block; `mod` is the (B, 3D) single-stream modulation, or per-segment modulations."""
+    def __call__(self, x: jax.Array, mod: jax.Array | Segments, rope,
+                 cached: KeysValues | None = None) -> tuple[jax.Array, KeysValues]:
+        """One block; `mod` is the (B, 3D) single-stream modulation, or per-segment modulations.
+
+        Returns the new tokens and their keys and values.
+        """
         mod = _as_segments(mod, x.shape[1])
-        return x + _gated(self.attn(_modulated_norm(x, mod, 0, 1, self.eps), rope), mod, 0, 1)
+        out, kv = self.attn(_modulated_norm(x, mod, 0, 1, self.eps), rope, cached)
+        return x + _gated(out, mod, 0, 1), kv
 
 
 class NormOut(nnx.Module):
@@ -294,10 +329,12 @@ class Flux2Transformer(nnx.Module):
     """FLUX.2 transformer: `model(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids)`."""
 
     def __init__(self, cfg: Flux2Config, *, precision: Precision = Precision(), rngs: nnx.Rngs,
-                 attention_backend: str | None = None):
+                 attention_backend: str | None = None, remat: str = "none"):
         if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
             raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim {cfg.attention_head_dim}")
-        self.config, self.precision = cfg, precision
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; expected 'none' or one of {sorted(REMAT_POLICIES)}")
+        self.config, self.precision, self.remat = cfg, precision, remat
         d = cfg.hidden_size
         kw = dict(precision=precision, rngs=rngs)
         self.time_guidance_embed = TimeGuidanceEmbed(cfg, **kw)
@@ -324,20 +361,48 @@ class Flux2Transformer(nnx.Module):
         return Conditioning(temb, self.double_stream_modulation_img(temb), self.double_stream_modulation_txt(temb),
                             self.single_stream_modulation(temb), rope)
 
+    def run_block(self, block: nnx.Module, *args):
+        """`block(*args)`, rematerialised in the backward pass under the model's remat policy."""
+        return block(*args) if self.remat == "none" else checkpointed(block, *args, policy=self.remat)
+
     def head(self, img: jax.Array, temb: jax.Array) -> jax.Array:
         """Output norm and projection of the image tokens back to latent channels."""
         return self.proj_out(self.norm_out(img, temb))
 
+    def cached_blocks(self, tokens: jax.Array, rope, mod_img: jax.Array, mod_single: jax.Array) -> ReferenceCache:
+        """Runs embedded tokens (B, L, D) that attend only among themselves through every block, keeping each
+        block's keys and values; `rope` covers them alone, the modulations are those of their fixed timestep."""
+        no_text = tokens[:, :0]
+        double = []
+        for block in self.transformer_blocks:
+            tokens, _, kv = self.run_block(block, tokens, no_text, mod_img, mod_img, rope)
+            double.append(kv)
+        single = []
+        for block in self.single_transformer_blocks:
+            tokens, kv = self.run_block(block, tokens, mod_single, rope)
+            single.append(kv)
+        return ReferenceCache(tuple(double), tuple(single))
+
+    def cache_references(self, hidden_states: jax.Array, img_ids, timestep: float | jax.Array = 0.0,
+                         guidance: jax.Array | None = None) -> ReferenceCache:
+        """The cache of reference tokens (B, L_ref, in_channels) with ids (L_ref, 4) at a fixed timestep
+        (diffusers' `kv_cache_mode="extract"` with `ref_fixed_timestep`)."""
+        b = hidden_states.shape[0]
+        c = self.conditioning(jnp.full((b,), timestep), img_ids, np.zeros((0, 4), np.int32), guidance)
+        return self.cached_blocks(self.x_embedder(hidden_states), c.rope, c.mod_img, c.mod_single)
+
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, timestep: jax.Array,
-                 img_ids, txt_ids, guidance: jax.Array | None = None) -> jax.Array:
-        """Velocity for image tokens (B, L_img, in_channels); same arguments as diffusers' forward."""
+                 img_ids, txt_ids, guidance: jax.Array | None = None, cache: ReferenceCache | None = None) -> jax.Array:
+        """Velocity for image tokens (B, L_img, in_channels); same arguments as diffusers' forward, and an
+        optional reference cache whose tokens every token attends to (diffusers' `kv_cache_mode="cached"`)."""
         c = self.conditioning(timestep, img_ids, txt_ids, guidance)
         img, txt = self.x_embedder(hidden_states), self.context_embedder(encoder_hidden_states)
-        for block in self.transformer_blocks:
-            img, txt = block(img, txt, c.mod_img, c.mod_txt, c.rope)
+        for i, block in enumerate(self.transformer_blocks):
+            img, txt, _ = self.run_block(block, img, txt, c.mod_img, c.mod_txt, c.rope,
+                                         None if cache is None else cache.double[i])
         x = jnp.concatenate([txt, img], axis=1)
-        for block in self.single_transformer_blocks:
-            x = block(x, c.mod_single, c.rope)
+        for i, block in enumerate(self.single_transformer_blocks):
+            x, _ = self.run_block(block, x, c.mod_single, c.rope, None if cache is None else cache.single[i])
         return self.head(x[:, txt.shape[1]:], c.temb)
 
 
@@ -348,15 +413,17 @@ def count_params(cfg: Flux2Config) -> int:
 
 
 def build(cfg: Flux2Config, precision: Precision = Precision(), seed: int = 0,
-          attention_backend: str | None = None) -> Flux2Transformer:
+          attention_backend: str | None = None, remat: str = "none") -> Flux2Transformer:
     """A randomly initialised transformer (benchmarks, tests, training from scratch)."""
-    return Flux2Transformer(cfg, precision=precision, rngs=nnx.Rngs(seed), attention_backend=attention_backend)
+    return Flux2Transformer(cfg, precision=precision, rngs=nnx.Rngs(seed), attention_backend=attention_backend,
+                            remat=remat)
 
 
-def load(path: str, precision: Precision = Precision(), attention_backend: str | None = None) -> Flux2Transformer:
+def load(path: str, precision: Precision = Precision(), attention_backend: str | None = None,
+         remat: str = "none") -> Flux2Transformer:
     """A ready transformer from a directory written by `python -m convert.flux2`."""
     stored = weights.read_config(path, FAMILY)
     cfg = Flux2Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
     model = nnx.eval_shape(lambda: Flux2Transformer(cfg, precision=precision, rngs=nnx.Rngs(0),
-                                                    attention_backend=attention_backend))
+                                                    attention_backend=attention_backend, remat=remat))
     return weights.restore(model, path)

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from iconface_jax import sequence
 from iconface_jax.models import flux2
@@ -48,6 +48,9 @@ class IConFaceConfig:
     t_scene: int = 0                  # RoPE t ids of the segments (DESIGN.md)
     t_degraded: int = 2
     t_reference: int = 10
+    # Degraded and reference tokens attend only among themselves at sigma 0, so their keys and values are
+    # computed once per image (diffusers' Flux2 KV mode). Changes the model: train with it to sample with it.
+    reference_cache: bool = False
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -64,6 +67,21 @@ class IConFaceConfig:
     @property
     def memory_routes(self) -> int:
         return VARIANTS[self.variant][2]
+
+
+@struct.dataclass
+class Conditions:
+    """`IConFace.condition`'s output: everything a step needs that depends on neither the scene, sigma nor text."""
+
+    residual: jax.Array | None      # s_deg W_in(x_deg), added to the embedded scene tokens
+    memory: jax.Array | None        # M_deg, read by the scene tokens after every block
+    delta_double: jax.Array | None  # identity deltas of the image modulations
+    delta_single: jax.Array | None
+    tokens: jax.Array | None        # embedded [degraded; references] (full attention)
+    cache: flux2.ReferenceCache | None  # or their keys and values (reference cache)
+    grid: tuple[int, int] = struct.field(pytree_node=False)
+    degraded_grid: tuple[int, int] = struct.field(pytree_node=False)
+    num_refs: int = struct.field(pytree_node=False)
 
 
 # What the optimizer updates: the backbone's LoRA factors and every side-pathway parameter.
@@ -207,50 +225,85 @@ class IConFace(nnx.Module):
         self.memory_xattn = (nnx.List([MemoryCrossAttention(dim, cfg, precision=precision, rngs=rngs)
                                        for _ in range(n_blocks)]) if cfg.memory_routes else None)
 
-    def __call__(self, scene: jax.Array, degraded: jax.Array, references: jax.Array, text: jax.Array,
-                 sigma: jax.Array, e_id: jax.Array | None = None, *, grid: tuple[int, int],
-                 degraded_grid: tuple[int, int] | None = None) -> jax.Array:
-        """Scene velocity (B, h*w, C).
+    def condition(self, degraded: jax.Array, references: jax.Array, e_id: jax.Array | None = None, *,
+                  grid: tuple[int, int], degraded_grid: tuple[int, int] | None = None) -> Conditions:
+        """What every sampling step reuses: side-pathway inputs and the conditioning tokens (or their cache).
 
-        scene (B, h*w, C) noisy latent tokens; degraded (B, h_d*w_d, C); references (B, R, h*w, C), R >= 0;
-        text (B, T, joint_dim); sigma (B,) in [0, 1]; e_id (B, id_dim) unit identity anchor (needed by the
-        variants with the identity pathway).
+        degraded (B, h_d*w_d, C) and references (B, R, h*w, C) latent tokens, R >= 0; e_id (B, id_dim) the
+        unit identity anchor (needed by the variants with the identity pathway).
         """
         cfg, bb = self.config, self.backbone
         degraded_grid = degraded_grid or grid
-        b, n_scene, n_refs = scene.shape[0], scene.shape[1], references.shape[1]
-        ids = [sequence.image_ids(cfg.t_scene, *grid), sequence.image_ids(cfg.t_degraded, *degraded_grid)]
-        ids += [sequence.image_ids(cfg.t_reference + r, *grid) for r in range(n_refs)]
-        c = bb.conditioning(sigma, np.concatenate(ids), sequence.text_ids(text.shape[1]))
-
-        tokens = jnp.concatenate([scene, degraded, references.reshape(b, -1, references.shape[-1])], axis=1)
-        img, txt = bb.x_embedder(tokens), bb.context_embedder(text)
-        n_deg = degraded.shape[1]
-        x_deg = img[:, n_scene:n_scene + n_deg]
-        if cfg.use_residual:
-            img = img.at[:, :n_scene].add(self.structure.residual(x_deg, degraded_grid, grid))
+        b, n_deg, n_refs = degraded.shape[0], degraded.shape[1], references.shape[1]
+        tokens = bb.x_embedder(jnp.concatenate([degraded, references.reshape(b, -1, references.shape[-1])], axis=1))
+        x_deg = tokens[:, :n_deg]
+        residual = self.structure.residual(x_deg, degraded_grid, grid) if cfg.use_residual else None
         memory = self.structure.memory(x_deg, degraded_grid) if cfg.memory_routes else None
-
-        mod_img, mod_single = c.mod_img, ((txt.shape[1], c.mod_single), (img.shape[1], c.mod_single))
+        delta_double = delta_single = None
         if cfg.use_identity:
             if e_id is None:
                 raise ValueError(f"variant {cfg.variant!r} needs the identity anchor e_id")
-            d_dbl, d_sgl = self.identity(e_id)
-            mod_img = c.mod_img + d_dbl.astype(c.mod_img.dtype)
-            mod_single = ((txt.shape[1], c.mod_single), (img.shape[1], c.mod_single + d_sgl.astype(c.mod_single.dtype)))
+            delta_double, delta_single = self.identity(e_id)
+        cache = None
+        if cfg.reference_cache:
+            # Clean images at sigma 0, attending only among themselves: one pass, reused at every step.
+            c = bb.conditioning(jnp.zeros((b,)), self._conditioning_ids(degraded_grid, grid, n_refs),
+                                sequence.text_ids(0))
+            mod_img, mod_single = _with_delta(c.mod_img, delta_double), _with_delta(c.mod_single, delta_single)
+            cache, tokens = bb.cached_blocks(tokens, c.rope, mod_img, mod_single), None
+        return Conditions(residual, memory, delta_double, delta_single, tokens, cache,
+                          tuple(grid), tuple(degraded_grid), n_refs)
+
+    def velocity(self, scene: jax.Array, text: jax.Array, sigma: jax.Array, cond: Conditions) -> jax.Array:
+        """Scene velocity (B, h*w, C) of noisy scene tokens (B, h*w, C) at sigma (B,) in [0, 1], text
+        (B, T, joint_dim), given the conditions of `condition`."""
+        cfg, bb = self.config, self.backbone
+        n_scene = scene.shape[1]
+        ids = [sequence.image_ids(cfg.t_scene, *cond.grid)]
+        if cond.tokens is not None:  # full attention: the conditioning tokens ride along in the sequence
+            ids.append(self._conditioning_ids(cond.degraded_grid, cond.grid, cond.num_refs))
+        c = bb.conditioning(sigma, np.concatenate(ids), sequence.text_ids(text.shape[1]))
+
+        img, txt = bb.x_embedder(scene), bb.context_embedder(text)
+        if cond.residual is not None:
+            img = img + cond.residual
+        if cond.tokens is not None:
+            img = jnp.concatenate([img, cond.tokens], axis=1)
+        # The identity deltas modulate image tokens only; text keeps the shared modulation.
+        mod_img = _with_delta(c.mod_img, cond.delta_double)
+        mod_single = ((txt.shape[1], c.mod_single), (img.shape[1], _with_delta(c.mod_single, cond.delta_single)))
 
         def read_memory(block_index, h, start):
-            if memory is None:
+            if cond.memory is None:
                 return h
-            scene_h = self.memory_xattn[block_index](h[:, start:start + n_scene], memory)
+            scene_h = self.memory_xattn[block_index](h[:, start:start + n_scene], cond.memory)
             return h.at[:, start:start + n_scene].set(scene_h)
 
+        cache = cond.cache
         for i, block in enumerate(bb.transformer_blocks):
-            img, txt = block(img, txt, mod_img, c.mod_txt, c.rope)
+            img, txt, _ = bb.run_block(block, img, txt, mod_img, c.mod_txt, c.rope,
+                                       None if cache is None else cache.double[i])
             img = read_memory(i, img, 0)
         n_txt = txt.shape[1]
         x = jnp.concatenate([txt, img], axis=1)
         for i, block in enumerate(bb.single_transformer_blocks):
-            x = block(x, mod_single, c.rope)
+            x, _ = bb.run_block(block, x, mod_single, c.rope, None if cache is None else cache.single[i])
             x = read_memory(len(bb.transformer_blocks) + i, x, n_txt)
         return bb.head(x[:, n_txt:n_txt + n_scene], c.temb)
+
+    def __call__(self, scene: jax.Array, degraded: jax.Array, references: jax.Array, text: jax.Array,
+                 sigma: jax.Array, e_id: jax.Array | None = None, *, grid: tuple[int, int],
+                 degraded_grid: tuple[int, int] | None = None) -> jax.Array:
+        """Scene velocity (B, h*w, C): `velocity` under the `condition` of degraded and reference tokens."""
+        cond = self.condition(degraded, references, e_id, grid=grid, degraded_grid=degraded_grid)
+        return self.velocity(scene, text, sigma, cond)
+
+    def _conditioning_ids(self, degraded_grid: tuple[int, int], grid: tuple[int, int], n_refs: int) -> np.ndarray:
+        """RoPE ids of [degraded; reference 0..R-1]."""
+        cfg = self.config
+        return np.concatenate([sequence.image_ids(cfg.t_degraded, *degraded_grid)]
+                              + [sequence.image_ids(cfg.t_reference + r, *grid) for r in range(n_refs)])
+
+
+def _with_delta(mod: jax.Array, delta: jax.Array | None) -> jax.Array:
+    return mod if delta is None else mod + delta.astype(mod.dtype)

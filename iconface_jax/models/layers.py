@@ -89,3 +89,25 @@ def layer_norm(x: jax.Array, eps: float) -> jax.Array:
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+# Rematerialisation policies by name (config `model.remat`): what a checkpointed block keeps for the backward
+# pass. "full" keeps only the block's inputs; "save_dots" also keeps the outputs of its weight matmuls
+# (no batch dimensions), so only attention and elementwise work is recomputed.
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def checkpointed(module: nnx.Module, *args, policy: str = "full"):
+    """`module(*args)` under `jax.checkpoint` with a named policy; non-array arguments (segment lengths)
+    stay static. Functional (split / merge), so it nests in any JAX transform."""
+    graphdef, state = nnx.split(module)
+    leaves, treedef = jax.tree.flatten(args)
+    traced = [isinstance(leaf, jax.Array) for leaf in leaves]
+
+    def run(state, arrays):
+        arrays = iter(arrays)
+        full = [next(arrays) if t else leaf for leaf, t in zip(leaves, traced)]
+        return nnx.merge(graphdef, state)(*jax.tree.unflatten(treedef, full))
+
+    return jax.checkpoint(run, policy=REMAT_POLICIES[policy])(state, [x for x, t in zip(leaves, traced) if t])

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from iconface_jax import weights
+from iconface_jax.models.layers import checkpointed
 
 FAMILY = "flux2_vae"
 Dtype = Any
@@ -244,12 +245,6 @@ class Encoder(nnx.Module):
         return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 
 
-def _remat_call(block: nnx.Module, x: jax.Array) -> jax.Array:
-    """`block(x)` keeping only its input for the backward pass (functional, so it nests in any transform)."""
-    graphdef, state = nnx.split(block)
-    return jax.checkpoint(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
-
-
 class Decoder(nnx.Module):
     """Latents (B, h, w, latent_channels) -> image (B, 8h, 8w, 3); blocks optionally rematerialised."""
 
@@ -266,7 +261,7 @@ class Decoder(nnx.Module):
         self.conv_out = _conv(chs[-1], config.out_channels, 3, **kw)
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        call = _remat_call if self.remat else (lambda block, x: block(x))
+        call = checkpointed if self.remat else (lambda block, x: block(x))  # keeps block inputs only
         x = call(self.mid_block, self.conv_in(z))
         for block in self.up_blocks:
             x = call(block, x)
