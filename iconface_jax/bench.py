@@ -73,6 +73,22 @@ def peak_memory_gb() -> float | None:
     return round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None
 
 
+def lora_train_step(graphdef, tx: optax.GradientTransformation, n_img: int, img_ids, txt_ids):
+    """The jitted LoRA step (flow-matching loss on the first `n_img` image tokens, a frozen base):
+    (trainable, opt_state, frozen, x, ctx, eps, sigma) -> (trainable, opt_state, loss)."""
+    def loss_fn(trainable, frozen, x, ctx, eps, sigma):
+        z = x.at[:, :n_img].set(flow.interpolate(x[:, :n_img], eps, sigma))
+        velocity = nnx.merge(graphdef, trainable, frozen)(z, ctx, sigma, img_ids, txt_ids)[:, :n_img]
+        return jnp.mean(flow.loss(velocity, x[:, :n_img], eps))
+
+    @jax.jit
+    def train_step(trainable, opt_state, frozen, x, ctx, eps, sigma):
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, ctx, eps, sigma)  # none for frozen
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, loss
+    return train_step
+
+
 def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, steps: int, lora_rank: int):
     """Forward and LoRA train-step rows for one (batch, refs) shape."""
     n_img = grid * grid
@@ -94,17 +110,7 @@ def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, ste
     def forward(frozen, trainable, x, ctx):
         return nnx.merge(graphdef, trainable, frozen)(x, ctx, sigma, img_ids, txt_ids)
 
-    def loss_fn(trainable, frozen, x, ctx):
-        z = x.at[:, :n_img].set(flow.interpolate(x[:, :n_img], eps, sigma))
-        velocity = nnx.merge(graphdef, trainable, frozen)(z, ctx, sigma, img_ids, txt_ids)[:, :n_img]
-        return jnp.mean(flow.loss(velocity, x[:, :n_img], eps))
-
-    @jax.jit
-    def train_step(trainable, opt_state, frozen, x, ctx):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, ctx)  # no gradients for frozen
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
+    train_step = lora_train_step(graphdef, tx, n_img, img_ids, txt_ids)
     rows, lin, att = [], *model_flops(cfg, text_len, len(img_ids))
     start = time.perf_counter()
     forward(frozen, trainable, x, ctx).block_until_ready()
@@ -113,19 +119,46 @@ def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, ste
     rows.append(dict(kind="forward", B=batch, R=refs, tokens=text_len + len(img_ids), ms=t_fwd * 1e3,
                      samples_s=batch / t_fwd, flops=batch * (lin + att), compile_s=compile_fwd))
     start = time.perf_counter()
-    state = train_step(trainable, opt_state, frozen, x, ctx)
+    state = train_step(trainable, opt_state, frozen, x, ctx, eps, sigma)
     jax.block_until_ready(state)
     compile_train = time.perf_counter() - start
 
     def one_step():
         nonlocal state
-        state = train_step(state[0], state[1], frozen, x, ctx)
+        state = train_step(state[0], state[1], frozen, x, ctx, eps, sigma)
         return state
     t_train = _timed(one_step, steps)
     rows.append(dict(kind=f"train lora r{lora_rank}", B=batch, R=refs, tokens=text_len + len(img_ids),
                      ms=t_train * 1e3, samples_s=batch / t_train,
                      flops=batch * train_flops(cfg, text_len, len(img_ids)), compile_s=compile_train))
     return rows
+
+
+def plan(cfg: flux2.Flux2Config, precision: Precision, batch: int, refs: int, grid: int, text_len: int,
+         lora_rank: int, remat: str, attention: str | None) -> dict:
+    """Compiles the LoRA train step from abstract shapes (no weights allocated) and returns the compile time
+    and XLA's memory plan in GB: arguments, outputs, temporaries, and their sum less donated aliases."""
+    def build():
+        model = flux2.build(cfg, precision, attention_backend=attention, remat=remat)
+        lora.add_lora(model, lora_rank, float(lora_rank))
+        return model
+    graphdef, trainable, frozen = nnx.split(nnx.eval_shape(build), lora.trainable, ...)
+    tx = optax.adamw(1e-4)
+    img_ids = sequence.image_segment_ids(grid, grid, refs)
+    step = lora_train_step(graphdef, tx, grid * grid, img_ids, sequence.text_ids(text_len))
+    shape = lambda *s, dtype=precision.dtype: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+    args = (trainable, jax.eval_shape(tx.init, trainable), frozen, shape(batch, len(img_ids), cfg.in_channels),
+            shape(batch, text_len, cfg.joint_attention_dim), shape(batch, grid * grid, cfg.in_channels),
+            shape(batch, dtype=jnp.float32))
+    start = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    gb = lambda n: round(n / 2**30, 2)  # noqa: E731
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return dict(kind=f"plan remat={remat}", B=batch, R=refs, tokens=text_len + len(img_ids), compile_s=compile_s,
+                arguments_gb=gb(m.argument_size_in_bytes), outputs_gb=gb(m.output_size_in_bytes),
+                temp_gb=gb(m.temp_size_in_bytes), total_gb=gb(total))
 
 
 def face_system(cfg: flux2.Flux2Config, precision: Precision, on_cpu: bool, text_len: int, lora_rank: int,
@@ -208,19 +241,26 @@ def main(argv=None) -> int:
     p.add_argument("--no-full", action="store_true",
                    help="skip (b) the full IConFace step and (c) restoration (VAE + AdaFace + side pathways)")
     p.add_argument("--restore-steps", type=int, default=12)
+    p.add_argument("--remat", default="none",
+                   help="block remat policy: none, full or save_dots; with --plan a comma-separated list")
+    p.add_argument("--plan", action="store_true",
+                   help="compile the LoRA step from abstract shapes per --remat policy and print XLA's memory "
+                        "plan and compile time instead of timing (no weights allocated: any preset on any machine)")
     p.add_argument("--out", default="bench.json", help="JSON results")
     args = p.parse_args(argv)
 
     cfg, precision = flux2.PRESETS[args.preset], Precision.named(args.precision)
+    shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes.split(",")]
+    if args.plan:
+        return print_plan(args, cfg, precision, shapes)
     peak = measure_peak(precision.dtype, 1024 if on_cpu else 8192)
-    model = flux2.build(cfg, precision, attention_backend=args.attention)
+    model = flux2.build(cfg, precision, attention_backend=args.attention, remat=args.remat)
     lora.add_lora(model, args.lora_rank, float(args.lora_rank))
     grid = args.image_size // 16
     rows = []
     system = None if args.no_full else face_system(cfg, precision, on_cpu, args.text_len, args.lora_rank,
                                                     args.attention)
-    for shape in args.shapes.split(","):
-        batch, refs = (int(v) for v in shape.lower().split("x"))
+    for batch, refs in shapes:
         rows_of_shape = bench_shape(model, cfg, batch, refs, grid, args.text_len, args.steps, args.lora_rank)
         if system is not None:
             rows_of_shape += bench_full(system, cfg, batch, refs, grid, args.text_len, args.steps, args.restore_steps)
@@ -233,12 +273,33 @@ def main(argv=None) -> int:
                   peak_tflops=peak / 1e12, peak_memory_gb=peak_memory_gb(), rows=rows)
     print(f"{args.preset} on {result['device']} ({args.precision}); measured matmul peak "
           f"{peak / 1e12:.2f} TFLOP/s; peak memory {result['peak_memory_gb']} GB")
-    print(f"{'kind':<20}{'B':>3}{'R':>3}{'tokens':>8}{'ms/step':>10}{'samples/s':>11}{'MFU':>7}{'compile s':>11}")
-    for r in rows:
-        print(f"{r['kind']:<20}{r['B']:>3}{r['R']:>3}{r['tokens']:>8}{r['ms']:>10.1f}{r['samples_s']:>11.2f}"
-              f"{r['mfu']:>7.3f}{r['compile_s']:>11.1f}")
+    print_table(rows, [("ms/step", "ms", ".1f"), ("samples/s", "samples_s", ".2f"), ("MFU", "mfu", ".3f"),
+                       ("compile s", "compile_s", ".1f")])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    return 0
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Rows as a table: kind, B, R, tokens, then (header, key, format) columns."""
+    print(f"{'kind':<22}{'B':>3}{'R':>3}{'tokens':>8}" + "".join(f"{h:>11}" for h, _, _ in columns))
+    for r in rows:
+        print(f"{r['kind']:<22}{r['B']:>3}{r['R']:>3}{r['tokens']:>8}"
+              + "".join(f"{r[k]:>11{fmt}}" for _, k, fmt in columns))
+
+
+def print_plan(args, cfg: flux2.Flux2Config, precision: Precision, shapes: list[tuple[int, int]]) -> int:
+    """`--plan`: compile time and XLA's memory plan of the LoRA step per shape and remat policy."""
+    grid = args.image_size // 16
+    rows = [plan(cfg, precision, batch, refs, grid, args.text_len, args.lora_rank, remat, args.attention)
+            for batch, refs in shapes for remat in args.remat.split(",")]
+    print(f"{args.preset} ({args.precision}) on {jax.devices()[0].device_kind}: LoRA step compiled from abstract "
+          f"shapes; memory as XLA plans it (GB)")
+    print_table(rows, [("compile s", "compile_s", ".1f"), ("args", "arguments_gb", ".2f"), ("temp", "temp_gb", ".2f"),
+                       ("total", "total_gb", ".2f")])
+    with open(args.out, "w") as f:
+        json.dump(dict(device=str(jax.devices()[0].device_kind), preset=args.preset, precision=args.precision,
+                       image_size=args.image_size, text_len=args.text_len, rows=rows), f, indent=1)
     return 0
 
 

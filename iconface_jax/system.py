@@ -23,7 +23,7 @@ class FaceSystem(nnx.Module):
     def __init__(self, model: iconface.IConFace, autoencoder, face_encoder: adaface.AdaFace,
                  prompt: jax.Array, empty: jax.Array):
         self.model, self.autoencoder, self.face_encoder = model, autoencoder, face_encoder
-        self.codec = patchify if isinstance(autoencoder, patchify.PatchAutoencoder) else vae
+        self.codec = codec_of(autoencoder)
         self.prompt, self.empty = nnx.Variable(jnp.asarray(prompt)), nnx.Variable(jnp.asarray(empty))
 
     def encode(self, images: jax.Array) -> jax.Array:
@@ -71,13 +71,7 @@ def build(cfg: ml_collections.ConfigDict) -> FaceSystem:
     lora.add_lora(backbone, m.lora.rank, m.lora.alpha, targets, seed=cfg.seed)
     model = iconface.IConFace(backbone, iconface.IConFaceConfig(**m.iconface), seed=cfg.seed)
 
-    if m.autoencoder.kind == "vae":
-        codec = vae.load(m.autoencoder.weights, dtype=precision.dtype, param_dtype=precision.param_dtype,
-                         remat_decoder=m.autoencoder.remat_decoder)
-    elif m.autoencoder.kind == "patchify":
-        codec = patchify.PatchAutoencoder(m.autoencoder.factor)
-    else:
-        raise ValueError(f"config.model.autoencoder.kind {m.autoencoder.kind!r}: expected 'vae' or 'patchify'")
+    codec = build_autoencoder(m)
     f = m.face_encoder
     face = (adaface.load(f.weights) if f.weights else
             adaface.AdaFace(adaface.AdaFaceConfig(units=f.units, channels=f.channels), rngs=nnx.Rngs(cfg.seed)))
@@ -86,6 +80,22 @@ def build(cfg: ml_collections.ConfigDict) -> FaceSystem:
     else:
         prompt, empty = text.random_prompt_embeddings(m.text.length, backbone.config.joint_attention_dim, cfg.seed)
     return FaceSystem(model, codec, face, prompt, empty)
+
+
+def build_autoencoder(m: ml_collections.ConfigDict):
+    """The codec of a config's `model` section: the FLUX.2 VAE or the demo's patchify codec."""
+    precision = Precision.named(m.precision)
+    if m.autoencoder.kind == "vae":
+        return vae.load(m.autoencoder.weights, dtype=precision.dtype, param_dtype=precision.param_dtype,
+                        remat_decoder=m.autoencoder.remat_decoder)
+    if m.autoencoder.kind == "patchify":
+        return patchify.PatchAutoencoder(m.autoencoder.factor)
+    raise ValueError(f"config.model.autoencoder.kind {m.autoencoder.kind!r}: expected 'vae' or 'patchify'")
+
+
+def codec_of(autoencoder):
+    """The module whose `encode_tokens` / `decode_tokens` drive `autoencoder`."""
+    return patchify if isinstance(autoencoder, patchify.PatchAutoencoder) else vae
 
 
 def trainable_filter(cfg: ml_collections.ConfigDict):

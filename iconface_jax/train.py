@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 from iconface_jax import bench, checkpointing, flow, losses, restore, sampling, sharding
 from iconface_jax import system as face_system
-from iconface_jax.data import pipeline
+from iconface_jax.data import latents, pipeline
 from iconface_jax.models import flux2, iconface
 from iconface_jax.models.layers import REMAT_POLICIES, Precision
 
@@ -64,6 +64,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.model.remat != "none" and cfg.model.remat not in REMAT_POLICIES:
         raise ValueError(f"config.model.remat {cfg.model.remat!r} is not 'none' or one of {sorted(REMAT_POLICIES)}")
     iconface.IConFaceConfig(**cfg.model.iconface)  # unknown variant or field fails here
+    if cfg.data.latents:
+        latents.LatentStore(cfg.data.latents).check(cfg)
 
 
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -77,8 +79,10 @@ def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
     system = nnx.merge(graphdef, params, rest)
     gt, deg, refs = batch["gt"], batch["deg"], batch["refs"]
     b, h, w, _ = gt.shape
-    # Encoders are frozen: no gradients through targets or conditions.
-    z0, x_deg, x_refs = (jax.lax.stop_gradient(system.encode(x)) for x in (gt, deg, refs))
+    # Encoders are frozen: no gradients through targets or conditions. Clean images may come pre-encoded.
+    z0 = batch["gt_latents"] if "gt_latents" in batch else system.encode(gt)
+    x_refs = batch["ref_latents"] if "ref_latents" in batch else system.encode(refs)
+    z0, x_deg, x_refs = (jax.lax.stop_gradient(x) for x in (z0, system.encode(deg), x_refs))
     e_id = jax.lax.stop_gradient(system.anchor(deg, refs))
     grid = face_system.grid_of(h, w, z0.shape[1])
 

@@ -31,3 +31,14 @@ def test_flop_formula_matches_design():
     assert att == 4 * 5632**2 * 3072 * 25
     # With the reference cache a step has 512 + 1024 queries over 5632 keys.
     assert bench.model_flops(cfg, 512, 1024, cached_len=4096)[1] == 4 * 1536 * 5632 * 3072 * 25
+
+
+def test_plan_compiles_from_abstract_shapes(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert bench.main(["--plan", "--preset", "tiny", "--shapes", "1x1", "--image-size", "64", "--text-len", "8",
+                       "--remat", "none,full", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["plan remat=none", "plan remat=full"]
+    for r in rows:
+        assert r["compile_s"] > 0 and r["arguments_gb"] >= 0 and r["total_gb"] >= r["temp_gb"]
+    assert "plan remat=full" in capsys.readouterr().out

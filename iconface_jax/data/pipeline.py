@@ -2,6 +2,7 @@
 
     it = make_iterator(config.data, global_batch_size=32)   # per process: 32 / process_count rows
     batch = next(it)            # {"gt", "deg": (B,H,W,3), "refs": (B,R,H,W,3), "num_refs": (B,)}
+                                # (+ "gt_latents" (B,L,C), "ref_latents" (B,R,L,C) with data.latents)
     state = it.get_state()      # {"batches": n, ...}; it.set_state(state) resumes exactly
 
 Every batch has one reference count R (0..3) shared by all its rows and by every process at that
@@ -27,7 +28,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from iconface_jax.data import degrade, references
+from iconface_jax.data import degrade, latents, references
 from iconface_jax.data.sources import (
     ISSUE_KINDS, FFHQRefSource, FolderSource, ImageError, Key, Record, Source, TfdsSource, decode)
 from iconface_jax.data.synthetic import SyntheticSource
@@ -51,6 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.ref_count_probs = references.DEFAULT_PROBS
     c.min_side_fraction = 0.25  # images with a shorter side below this x resolution are skipped
     c.use_given_lq = False  # use a record's given degraded image (FFHQ-Ref lq_image) if it has one
+    # Precomputed latents of the clean images (python -m iconface_jax.data.latents): batches then carry
+    # gt_latents (B, L, C) and ref_latents (B, R, L, C), and the trainer skips the encoder for them.
+    c.latents = ""
     # Host throughput: worker processes (0: all in the trainer process), batches each process
     # assembles concurrently, and batches it buffers ahead.
     c.num_workers = 8
@@ -134,6 +138,12 @@ class FaceSamples:
         self.available = np.asarray([len(r.refs) for r in source.records], np.int64)
         self.steps_per_epoch = references.steps_per_epoch(len(self.available), global_batch, len(self.probs))
         self.num_epochs = int(config.num_epochs) or _UNBOUNDED_EPOCHS
+        self.latents = latents.LatentStore(config.latents) if config.latents else None
+        if self.latents is not None:
+            missing = self.latents.missing(latents.clean_keys(source.records))
+            if missing:
+                raise ValueError(f"data.latents {config.latents} has no latents for {len(missing)} images of this "
+                                 f"source, e.g. {missing[:3]}; precompute them for this dataset")
         self._plans: dict[int, references.EpochPlan] = {}
         self._bad: dict[Key, str] = {}  # per process: known-bad images are not decoded again
 
@@ -202,6 +212,10 @@ class FaceSamples:
         ref_array = np.stack(refs) if refs else np.zeros((0,) + gt.shape, np.uint8)
         arrays = {"gt": _to_unit(gt), "deg": _to_unit(deg), "refs": _to_unit(ref_array),
                   "num_refs": np.int32(count)}
+        if self.latents is not None:
+            arrays["gt_latents"] = self.latents.get(record.gt)
+            arrays["ref_latents"] = (np.stack([self.latents.get(k) for k in ref_keys]) if ref_keys else
+                                     np.zeros((0, *self.latents.meta["token_shape"]), np.float32))
         return arrays, SampleInfo(gt=record.gt, refs=tuple(ref_keys), degradation=name, substitutes=0)
 
     def _read(self, key: Key, issues: np.ndarray) -> np.ndarray | None:
