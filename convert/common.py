@@ -1,8 +1,9 @@
 """What every converter shares: finding the source tensors, checking them, progress, and the CLI frame.
 
 A converter supplies `plan(reader) -> (config, {output name: Entry})`; `convert` checks the plan
-against the source headers before reading any data, streams each output tensor through its transform
-with a progress bar, and hands the result to `iconface_jax.weights.save` (atomic).
+against the source headers before reading any data, then streams each output tensor through its
+transform, with a progress bar, into `iconface_jax.weights.save` (atomic, written in chunks), so peak
+memory is a chunk of the output, not the whole model.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -88,9 +89,8 @@ def check_plan(reader: Reader, plan: dict[str, Entry], ignore: Sequence[str] = (
                 raise ConversionError(f"{info.path}: tensor {key!r} has shape {info.shape}, expected {tuple(shape)}")
 
 
-def materialise(reader: Reader, plan: dict[str, Entry], dtype: np.dtype, desc: str) -> dict[str, np.ndarray]:
-    """Reads and transforms each output tensor in turn (one copy of the output held in memory)."""
-    out = {}
+def materialise(reader: Reader, plan: dict[str, Entry], dtype: np.dtype, desc: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Reads and transforms each output tensor in turn, yielding (name, array) as it is made."""
     for name, entry in tqdm(plan.items(), desc=desc, unit="tensor", file=sys.stderr, mininterval=1.0):
         arrays = [reader.read(k) for k in entry.keys]
         # ml_dtypes.bfloat16 is not a numpy floating subtype, so test the kind.
@@ -98,8 +98,7 @@ def materialise(reader: Reader, plan: dict[str, Entry], dtype: np.dtype, desc: s
             info = reader.infos[entry.keys[0]]
             raise ConversionError(f"{info.path}: tensor {entry.keys[0]!r} is {info.dtype}, expected floating point")
         stored = dtype if entry.dtype is None else entry.dtype
-        out[name] = np.ascontiguousarray(entry.transform(*[a.astype(np.float32) for a in arrays]).astype(stored))
-    return out
+        yield name, np.ascontiguousarray(entry.transform(*[a.astype(np.float32) for a in arrays]).astype(stored))
 
 
 def convert(src: str, dst: str, dtype: np.dtype, family: str,

@@ -1,8 +1,9 @@
-"""Converted weight directories: `config.json` (model family and config) beside an Orbax `params/` tree.
+"""Converted weight directories: `config.json` (model family and config) beside an Orbax `params/` checkpoint.
 
 Every converter writes through `save` and every model's `load(dir)` reads through `restore`, so the
 on-disk layout, the atomic write and the error messages live in one place. Parameters are stored as
-a flat dict keyed by the dotted module path (`transformer_blocks.0.attn.to_q.kernel`).
+a flat dict keyed by the dotted module path (`transformer_blocks.0.attn.to_q.kernel`), the tree item
+`state` of the checkpoint in `params/` (the item name Orbax's partial save gives it).
 """
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import orbax.checkpoint.experimental.v1 as ocp_v1
 from flax import nnx
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+PARAMS_ITEM = "state"
+CHUNK_BYTES = 512 * 2**20
 
 
 class WeightsError(ValueError):
@@ -41,12 +45,16 @@ def base_params(model: nnx.Module, kinds: tuple[type, ...] = (nnx.Param,)) -> di
     return {k: v for k, v in named_params(model, nnx.Variable).items() if type(v) in kinds}
 
 
-def save(dst: str, family: str, config: Mapping[str, Any], params: Mapping[str, np.ndarray]) -> None:
+def save(dst: str, family: str, config: Mapping[str, Any],
+         params: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]], chunk_bytes: int | None = None) -> None:
     """Writes `dst` atomically: into a sibling temporary directory renamed into place at the end.
 
-    Refuses an existing `dst`; on any failure nothing is left behind.
+    `params` may be a stream of (name, array) pairs: they are written in chunks of about `chunk_bytes`
+    (default `CHUNK_BYTES`; Orbax partial saves, committed once at the end), so a converter never holds
+    the whole model.
+    Refuses an existing `dst`; on any failure, the stream's own errors included, nothing is left behind.
     """
-    dst = os.path.abspath(dst)
+    dst, chunk_bytes = os.path.abspath(dst), chunk_bytes or CHUNK_BYTES
     if os.path.exists(dst):
         raise WeightsError(f"destination {dst} already exists; remove it or choose another path")
     parent = os.path.dirname(dst)
@@ -55,9 +63,18 @@ def save(dst: str, family: str, config: Mapping[str, Any], params: Mapping[str, 
     try:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump({"family": family, "config": dict(config)}, f, indent=1, default=list)
-        # Synchronous: the directory is renamed into place only once every tensor is written.
-        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
-        checkpointer.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(dict(params)))
+        path, chunk, size, written = os.path.join(tmp, PARAMS_DIR), {}, 0, 0
+        for name, array in params.items() if isinstance(params, Mapping) else params:
+            chunk[name] = array
+            size += array.nbytes
+            if size >= chunk_bytes:
+                ocp_v1.partial.save(path, chunk)
+                written, chunk, size = written + len(chunk), {}, 0
+        if not written and not chunk:
+            raise WeightsError(f"{dst}: no parameters to write")
+        if chunk:
+            ocp_v1.partial.save(path, chunk)
+        ocp_v1.partial.finalize(path)
         os.rename(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -79,8 +96,12 @@ def read_config(src: str, family: str) -> dict[str, Any]:
 def restore(model: nnx.Module, src: str, kinds: tuple[type, ...] = (nnx.Param,)) -> nnx.Module:
     """Fills the model's variables of types `kinds` from `src`, casting to each variable's dtype."""
     targets = base_params(model, kinds)
-    stored = ocp.StandardCheckpointer().metadata(os.path.join(os.path.abspath(src), PARAMS_DIR))
-    stored = stored.item_metadata.tree
+    path = os.path.join(os.path.abspath(src), PARAMS_DIR)
+    if not os.path.isdir(os.path.join(path, PARAMS_ITEM)):
+        raise WeightsError(f"{src}: no parameter checkpoint {PARAMS_DIR}/{PARAMS_ITEM}/ (converted by an earlier "
+                           f"version, or not a converted weight directory): convert the source again")
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{PARAMS_ITEM: ocp.StandardCheckpointHandler()}))
+    stored = checkpointer.metadata(path).item_metadata[PARAMS_ITEM].tree
     missing = sorted(set(targets) - set(stored))
     unexpected = sorted(set(stored) - set(targets))
     if missing or unexpected:
@@ -88,8 +109,11 @@ def restore(model: nnx.Module, src: str, kinds: tuple[type, ...] = (nnx.Param,))
     for key, var in targets.items():
         if tuple(stored[key].shape) != tuple(var.get_value().shape):
             raise WeightsError(f"{src}: {key} has shape {tuple(stored[key].shape)}, the model expects {var.get_value().shape}")
-    abstract = {k: jax.ShapeDtypeStruct(v.get_value().shape, stored[k].dtype) for k, v in targets.items()}
-    values = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(src), PARAMS_DIR), abstract)
+    # Restored straight onto the device in each variable's dtype, array by array: no host copy of the model.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = {k: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=device)
+                for k, v in targets.items()}
+    values = checkpointer.restore(path, ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))
     for key, var in targets.items():
-        var.set_value(jax.numpy.asarray(values[key], dtype=var.get_value().dtype))
+        var.set_value(values[PARAMS_ITEM][key])
     return model
