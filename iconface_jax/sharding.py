@@ -1,10 +1,16 @@
 """One device mesh with named axes (`data`, `fsdp`) and the shardings of parameters and batches.
 
 Frozen weights are sharded along `fsdp` on their largest divisible axis (ZeRO-3 style: gathered per use
-by XLA), small or indivisible ones replicated; batches are split over both axes. Multi-host runs call
-`jax.distributed.initialize` before building the mesh, which then spans every process's devices.
+by XLA), small or indivisible ones replicated; batches are split over both axes, and placed on the devices
+ahead of use by `prefetch_to_device`. Multi-host runs call `jax.distributed.initialize` before building
+the mesh, which then spans every process's devices.
 """
 from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -55,3 +61,48 @@ def global_batch(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
     """Assembles each process's slice of the batch into global arrays sharded along the batch axis."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
+
+
+def prefetch_to_device(batches: Iterator[tuple[dict[str, np.ndarray], Any]], mesh: Mesh,
+                       depth: int = 2) -> Iterator[tuple[dict[str, jax.Array], Any]]:
+    """Yields (global batch, extra) for each (host batch, extra) of `batches`, in order, with up to `depth`
+    batches already loaded and placed on the devices by a background thread, so loading and the host-to-device
+    copy overlap the running step. `extra` rides along unchanged (the trainer passes the data state after each
+    batch). `depth` 0 places each batch on request. An error in `batches` is raised here, at its position."""
+    if depth <= 0:
+        yield from ((global_batch(host, mesh), extra) for host, extra in batches)
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for host, extra in batches:
+                if not put(((global_batch(host, mesh), extra), None)):
+                    return
+            put((None, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((None, e))
+
+    thread = threading.Thread(target=fill, name="prefetch_to_device", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is None:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -197,56 +197,77 @@ def main(argv) -> None:
     bb = system.model.backbone.config
     tokens_per_image = _tokens_per_image(system, (cfg.data.resolution, cfg.data.resolution))
     nonfinite, window_start, window_steps, window_flops = 0, time.perf_counter(), 0, 0.0
-    step = start_step
-    while step < t.steps:
-        host = next(data)
-        batch = sharding.global_batch({k: v for k, v in host.items() if not k.startswith("_")}, mesh)
-        state, metrics = step_fn(state, rest, batch)
-        step += 1
-        window_steps += 1
-        n_img = (2 + host["refs"].shape[1]) * tokens_per_image
-        window_flops += t.batch_size * bench.train_flops(bb, system.prompt.shape[0], n_img)
-        if not bool(metrics["finite"]):
-            nonfinite += 1
-            print(f"step {step}: non-finite loss or gradient, update skipped ({nonfinite} in a row)", flush=True)
-            if nonfinite >= t.max_nonfinite:
-                sys.exit(f"stopping at step {step}: {nonfinite} non-finite steps in a row "
-                         f"(last loss {float(metrics['loss'])}); see {cfg.workdir}/metrics.jsonl")
-        else:
-            nonfinite = 0
-        if step % log.every == 0 or step == t.steps:
-            elapsed = time.perf_counter() - window_start
-            row = {k: float(v) for k, v in metrics.items()}
-            row.update(step=step, samples_s=t.batch_size * window_steps / elapsed,
-                       mfu=window_flops / elapsed / peak / jax.device_count(),
-                       eta_min=(t.steps - step) * elapsed / window_steps / 60, refs=int(host["refs"].shape[1]))
-            prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
-            print(f"{prefix}step {step}/{t.steps}  loss {row['loss']:.4f} (fm {row['loss_fm']:.4f}, id "
-                  f"{row['loss_id']:.4f})  {row['samples_s']:.1f} samples/s  MFU {row['mfu']:.3f}  "
-                  f"ETA {row['eta_min']:.1f} min", flush=True)
-            if is_chief:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-                for k in ("loss", "loss_fm", "loss_id", "grad_norm", "samples_s", "mfu"):
-                    writer.add_scalar(f"train/{k}", row[k], step)
-            window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
+    # Device batches are prepared on a thread ahead of use, each with the data state after it, so a
+    # checkpoint records exactly the batches training consumed however far the prefetch has run.
+    batches = sharding.prefetch_to_device(
+        (({k: v for k, v in host.items() if not k.startswith("_")}, data.get_state()) for host in data),
+        mesh, cfg.data.device_prefetch)
+    step, done = start_step, None
+    while True:
+        running = None
+        if step < t.steps and not stop["signal"]:
+            batch, data_state = next(batches)
+            state, metrics = step_fn(state, rest, batch)
+            step += 1
+            running = (step, metrics, batch["refs"].shape[1])
+        if done is not None:
+            # The previous step's results are read only now that this step is queued behind it: waiting
+            # for them never leaves the device idle while the host loads, logs or dispatches.
+            done_step, done_metrics, done_refs = done
+            window_steps += 1
+            window_flops += t.batch_size * bench.train_flops(bb, system.prompt.shape[0], (2 + done_refs) * tokens_per_image)
+            if not bool(done_metrics["finite"]):
+                nonfinite += 1
+                print(f"step {done_step}: non-finite loss or gradient, update skipped ({nonfinite} in a row)", flush=True)
+                if nonfinite >= t.max_nonfinite:
+                    sys.exit(f"stopping at step {done_step}: {nonfinite} non-finite steps in a row "
+                             f"(last loss {float(done_metrics['loss'])}); see {cfg.workdir}/metrics.jsonl")
+            else:
+                nonfinite = 0
+            if done_step % log.every == 0 or done_step == t.steps:
+                elapsed = time.perf_counter() - window_start
+                row = {k: float(v) for k, v in done_metrics.items()}
+                row.update(step=done_step, samples_s=t.batch_size * window_steps / elapsed,
+                           mfu=window_flops / elapsed / peak / jax.device_count(),
+                           eta_min=(t.steps - done_step) * elapsed / window_steps / 60, refs=done_refs)
+                write_row(row, t.steps, writer, metrics_file)
+                window_start, window_steps, window_flops = time.perf_counter(), 0, 0.0
+        if running is None:
+            break
+        done = running
         if step == t.stop_at:
             stop["signal"] = "stop_at"
+        paused = time.perf_counter()  # checkpoints and sample grids do not count against training throughput
         if step % log.checkpoint_every == 0 or step == t.steps or stop["signal"]:
-            checkpoints.save(step, state, data.get_state(), force=True)
+            checkpoints.save(step, state, data_state, force=True)
         if is_chief and (step % log.sample_every == 0 or step == t.steps):
             current = nnx.merge(graphdef, state.get("ema", state["params"]), rest)
             grid = sample_grid(current, preview, jax.random.PRNGKey(cfg.seed), log)
             writer.add_image("samples", grid, step, dataformats="HWC")
             _write_png(os.path.join(cfg.workdir, f"samples_{step:06d}.png"), grid)
-        if stop["signal"]:
-            reason = "SIGTERM" if stop["signal"] == signal.SIGTERM else f"train.stop_at={t.stop_at}"
-            print(f"{reason} at step {step}: checkpoint saved, exiting", flush=True)
-            break
+        window_start += time.perf_counter() - paused
+    batches.close()
+    if stop["signal"]:
+        reason = "SIGTERM" if stop["signal"] == signal.SIGTERM else f"train.stop_at={t.stop_at}"
+        print(f"{reason} at step {step}: checkpoint saved, exiting", flush=True)
     checkpoints.close()
     if is_chief:
         writer.close()
         metrics_file.close()
+
+
+def write_row(row: dict, steps: int, writer, metrics_file) -> None:
+    """Prints one log row; the chief (which holds `writer` and `metrics_file`) also writes it to
+    metrics.jsonl and TensorBoard."""
+    prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
+    print(f"{prefix}step {row['step']}/{steps}  loss {row['loss']:.4f} (fm {row['loss_fm']:.4f}, id "
+          f"{row['loss_id']:.4f})  {row['samples_s']:.1f} samples/s  MFU {row['mfu']:.3f}  "
+          f"ETA {row['eta_min']:.1f} min", flush=True)
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+        for k in ("loss", "loss_fm", "loss_id", "grad_norm", "samples_s", "mfu"):
+            writer.add_scalar(f"train/{k}", row[k], row["step"])
 
 
 def _tokens_per_image(system: face_system.FaceSystem, hw: tuple[int, int]) -> int:

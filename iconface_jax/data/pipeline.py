@@ -60,6 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_workers = 8
     c.num_threads = 1
     c.prefetch_batches = 2
+    # Global batches the trainer places on the devices ahead of the running step (a background thread;
+    # sharding.prefetch_to_device); 0: each batch is loaded and copied when the step needs it.
+    c.device_prefetch = 2
 
     c.degradation = ml_collections.ConfigDict()
     # Each sample picks one preset; the paper trains one checkpoint for moderate and severe inputs.
