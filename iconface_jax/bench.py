@@ -81,7 +81,7 @@ def lora_train_step(graphdef, tx: optax.GradientTransformation, n_img: int, img_
         velocity = nnx.merge(graphdef, trainable, frozen)(z, ctx, sigma, img_ids, txt_ids)[:, :n_img]
         return jnp.mean(flow.loss(velocity, x[:, :n_img], eps))
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(0, 1))  # as the trainer: updated in place
     def train_step(trainable, opt_state, frozen, x, ctx, eps, sigma):
         loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, ctx, eps, sigma)  # none for frozen
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -128,6 +128,7 @@ def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, ste
         state = train_step(state[0], state[1], frozen, x, ctx, eps, sigma)
         return state
     t_train = _timed(one_step, steps)
+    nnx.update(model, state[0])  # the step donated the LoRA arrays the model held
     rows.append(dict(kind=f"train lora r{lora_rank}", B=batch, R=refs, tokens=text_len + len(img_ids),
                      ms=t_train * 1e3, samples_s=batch / t_train,
                      flops=batch * train_flops(cfg, text_len, len(img_ids)), compile_s=compile_train))
@@ -135,19 +136,21 @@ def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, ste
 
 
 def plan(cfg: flux2.Flux2Config, precision: Precision, batch: int, refs: int, grid: int, text_len: int,
-         lora_rank: int, remat: str, attention: str | None) -> dict:
-    """Compiles the LoRA train step from abstract shapes (no weights allocated) and returns the compile time
-    and XLA's memory plan in GB: arguments, outputs, temporaries, and their sum less donated aliases."""
+         lora_rank: int, remat: str, attention: str | None, trainable: nnx.filterlib.Filter = lora.trainable) -> dict:
+    """Compiles the LoRA train step from abstract shapes (no weights allocated) and returns the compile time,
+    XLA's memory plan in GB (arguments, outputs, temporaries, and their sum less donated aliases) and XLA's
+    FLOP count of the step beside DESIGN.md's formula (a frozen weight given a gradient would show as ~1.5x).
+    `trainable` selects what the step updates (the LoRA factors; `nnx.Param` for every weight)."""
     def build():
         model = flux2.build(cfg, precision, attention_backend=attention, remat=remat)
         lora.add_lora(model, lora_rank, float(lora_rank))
         return model
-    graphdef, trainable, frozen = nnx.split(nnx.eval_shape(build), lora.trainable, ...)
+    graphdef, params, frozen = nnx.split(nnx.eval_shape(build), trainable, ...)
     tx = optax.adamw(1e-4)
     img_ids = sequence.image_segment_ids(grid, grid, refs)
     step = lora_train_step(graphdef, tx, grid * grid, img_ids, sequence.text_ids(text_len))
     shape = lambda *s, dtype=precision.dtype: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
-    args = (trainable, jax.eval_shape(tx.init, trainable), frozen, shape(batch, len(img_ids), cfg.in_channels),
+    args = (params, jax.eval_shape(tx.init, params), frozen, shape(batch, len(img_ids), cfg.in_channels),
             shape(batch, text_len, cfg.joint_attention_dim), shape(batch, grid * grid, cfg.in_channels),
             shape(batch, dtype=jnp.float32))
     start = time.perf_counter()
@@ -156,9 +159,12 @@ def plan(cfg: flux2.Flux2Config, precision: Precision, batch: int, refs: int, gr
     m = compiled.memory_analysis()
     gb = lambda n: round(n / 2**30, 2)  # noqa: E731
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list per program in older JAX
     return dict(kind=f"plan remat={remat}", B=batch, R=refs, tokens=text_len + len(img_ids), compile_s=compile_s,
                 arguments_gb=gb(m.argument_size_in_bytes), outputs_gb=gb(m.output_size_in_bytes),
-                temp_gb=gb(m.temp_size_in_bytes), total_gb=gb(total))
+                temp_gb=gb(m.temp_size_in_bytes), total_gb=gb(total), xla_tflop=cost.get("flops", 0.0) / 1e12,
+                formula_tflop=batch * train_flops(cfg, text_len, len(img_ids)) / 1e12)
 
 
 def face_system(cfg: flux2.Flux2Config, precision: Precision, on_cpu: bool, text_len: int, lora_rank: int,
@@ -294,9 +300,10 @@ def print_plan(args, cfg: flux2.Flux2Config, precision: Precision, shapes: list[
     rows = [plan(cfg, precision, batch, refs, grid, args.text_len, args.lora_rank, remat, args.attention)
             for batch, refs in shapes for remat in args.remat.split(",")]
     print(f"{args.preset} ({args.precision}) on {jax.devices()[0].device_kind}: LoRA step compiled from abstract "
-          f"shapes; memory as XLA plans it (GB)")
+          f"shapes; memory as XLA plans it (GB); FLOPs per step as XLA counts them and by DESIGN.md's formula")
     print_table(rows, [("compile s", "compile_s", ".1f"), ("args", "arguments_gb", ".2f"), ("temp", "temp_gb", ".2f"),
-                       ("total", "total_gb", ".2f")])
+                       ("total", "total_gb", ".2f"), ("XLA TFLOP", "xla_tflop", ".4g"),
+                       ("formula", "formula_tflop", ".4g")])
     with open(args.out, "w") as f:
         json.dump(dict(device=str(jax.devices()[0].device_kind), preset=args.preset, precision=args.precision,
                        image_size=args.image_size, text_len=args.text_len, rows=rows), f, indent=1)
