@@ -14,6 +14,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
+# Test programs are compiled cold and run for a few steps: XLA:CPU's LLVM at -O0 compiles them much faster
+# (a cold toy trainer run 76 s -> 46 s, same losses). Set before JAX starts; subprocesses inherit it.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 
 def rel_err(a, b) -> float:
     """||a - b|| / ||b|| in float64."""
@@ -41,7 +46,10 @@ CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "iconf
 
 
 def env_with(**extra) -> dict[str, str]:
-    """The environment of a trainer subprocess: CPU, the shared compilation cache, `extra`."""
+    """The environment of a trainer subprocess: CPU, the shared compilation cache, `extra` (XLA_FLAGS added
+    to this session's)."""
+    if "XLA_FLAGS" in extra:
+        extra["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {extra['XLA_FLAGS']}"
     return dict(os.environ, JAX_PLATFORMS="cpu", **CACHE, **extra)
 
 
