@@ -72,6 +72,10 @@ def build(cfg: ml_collections.ConfigDict) -> FaceSystem:
     model = iconface.IConFace(backbone, iconface.IConFaceConfig(**m.iconface), seed=cfg.seed)
 
     codec = build_autoencoder(m)
+    if codec.token_channels != backbone.config.in_channels:
+        source = m.weights or "config.model.backbone.in_channels"
+        raise ValueError(f"the {m.autoencoder.kind} codec makes {codec.token_channels}-channel tokens but the "
+                         f"transformer ({source}) takes {backbone.config.in_channels}")
     f = m.face_encoder
     face = (adaface.load(f.weights) if f.weights else
             adaface.AdaFace(adaface.AdaFaceConfig(units=f.units, channels=f.channels), rngs=nnx.Rngs(cfg.seed)))

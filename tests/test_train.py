@@ -130,6 +130,16 @@ def test_config_errors_before_compiling(tmp_path, override, message):
         train.validate(cfg)
 
 
+def test_codec_and_transformer_channels_must_agree():
+    from configs import demo
+    from iconface_jax import system as face_system
+
+    cfg = demo.get_config()
+    cfg.model.autoencoder.factor = 4  # 48-channel tokens for a 192-channel transformer
+    with pytest.raises(ValueError, match="patchify codec makes 48-channel tokens .* takes 192"):
+        face_system.build(cfg)
+
+
 def test_batch_must_divide_the_devices(tmp_path):
     out = run_train(tmp_path, "--config.train.batch_size=3", check=False, timeout=120,
                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
