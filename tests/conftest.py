@@ -70,6 +70,16 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+@pytest.fixture
+def partial_saves(monkeypatch):
+    """Records the parameter names of each Orbax partial save `weights.save` makes (one list per chunk)."""
+    import orbax.checkpoint.experimental.v1 as ocp_v1
+
+    calls, real = [], ocp_v1.partial.save
+    monkeypatch.setattr(ocp_v1.partial, "save", lambda path, tree: (calls.append(sorted(tree)), real(path, tree))[1])
+    return calls
+
+
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory):
     """Six uninterrupted toy steps (the resume test's reference and the restore tests' model)."""
