@@ -15,7 +15,8 @@ the token embedding, k the output of decoder layer k) concatenated along channel
 classifier-free guidance's unconditional branch (the pipeline's default negative prompt ""). Both are
 stored as float32 in one `.npz` file (format: `iconface_jax.text`).
 
-The default prompt is our own choice: the IConFace paper does not give its prompt.
+The default prompt is the IConFace authors' (their released code's `cli.py`, used in both modes, as the paper
+uses one prompt for restoration with and without references).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from iconface_jax import text
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-DEFAULT_PROMPT = "Restore this degraded face photo into a sharp, high-quality portrait of the same person."
+DEFAULT_PROMPT = "restore a high quality portrait photo of a person, natural skin, detailed face"
 DEFAULT_LAYERS = (9, 18, 27)
 DEFAULT_MAX_LENGTH = 512  # the pipeline's tokenizer_max_length
 DTYPES = ("float32", "bfloat16")

@@ -251,23 +251,30 @@ def iconface_velocity(transformer: nn.Module, side: IConFaceSide, scene: torch.T
         _use_kv_processors(bb)
         kwargs = {"kv_cache": None, "kv_cache_mode": "extract", "num_ref_tokens": n_cond, "num_txt_tokens": n_txt}
 
+    # The memory's readers: the scene tokens, or every image token (the cached ones too: reading in the extract
+    # pass is reading once, as the memory does not depend on sigma).
+    readers = slice(scene_at, scene_at + n_scene) if cfg.get("memory_readers", "image") == "scene" else slice(0, n_img)
+
     def read_memory(index: int, h: torch.Tensor, start: int) -> torch.Tensor:
         if memory is None:
             return h
-        scene_h = side.memory_xattn[index](h[:, start:start + n_scene], memory)
-        return torch.cat([h[:, :start], scene_h, h[:, start + n_scene:]], dim=1)
+        lo, hi = start + readers.start, start + readers.stop
+        return torch.cat([h[:, :lo], side.memory_xattn[index](h[:, lo:hi], memory), h[:, hi:]], dim=1)
 
     for i, block in enumerate(bb.transformer_blocks):
         double_kwargs = None if kwargs is None else {k: v for k, v in kwargs.items() if k != "num_txt_tokens"}
         txt, img = block(hidden_states=img, encoder_hidden_states=txt, temb_mod_img=mod_img,
                          temb_mod_txt=mod_txt, image_rotary_emb=rope, joint_attention_kwargs=double_kwargs)
-        img = read_memory(i, img, scene_at)
+        img = read_memory(i, img, 0)
     x = torch.cat([txt, img], dim=1)
     for i, block in enumerate(bb.single_transformer_blocks):
         x = block(hidden_states=x, encoder_hidden_states=None, temb_mod=mod_single, image_rotary_emb=rope,
                   joint_attention_kwargs=kwargs)
-        x = read_memory(len(bb.transformer_blocks) + i, x, n_txt + scene_at)
-    return bb.proj_out(bb.norm_out(x[:, n_txt + scene_at:n_txt + scene_at + n_scene], temb))
+        x = read_memory(len(bb.transformer_blocks) + i, x, n_txt)
+    out = bb.proj_out(bb.norm_out(x[:, n_txt + scene_at:n_txt + scene_at + n_scene], temb))
+    if cfg.get("prediction", "velocity") == "clean":  # the network predicts clean tokens (IConFaceConfig)
+        return (scene - out) / sigma.clamp(min=cfg["clean_sigma_floor"]).reshape(-1, 1, 1).to(out.dtype)
+    return out
 
 
 def _use_kv_processors(transformer: nn.Module) -> None:

@@ -2,6 +2,7 @@
 
     python -m iconface_jax.evaluate --checkpoint WORKDIR --csv test_references.csv --image-dir IMAGES \\
         [--lq-dir LQ] [--refs 0|1|2|3] [--output-dir OUT] [--adaface weights/adaface-ir50]
+    python -m iconface_jax.evaluate --checkpoint runs/demo --synthetic 48 [--refs 1]   # the CPU demo's check
 
 The CSV has FFHQ-Ref's columns: `gt_image`, optional `lq_image`, `ref_image` (a Python list literal of
 file names, the protocol order), and optionally `dataset` (the summary groups rows by it). Targets and
@@ -47,7 +48,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from iconface_jax import metrics, restore
-from iconface_jax.data import degrade, sources
+from iconface_jax.data import degrade, sources, synthetic
 from iconface_jax.models import adaface
 from iconface_jax.system import FaceSystem
 
@@ -350,15 +351,106 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+SYNTHETIC_METRICS = {"psnr": ("PSNR ↑", 2), "ssim": ("SSIM ↑", 4), "trait_mse": ("Trait MSE ↓", 5)}
+
+
+def synthetic_cases(cfg: ml_collections.ConfigDict, count: int, refs: int) -> dict[str, np.ndarray]:
+    """`count` held-out synthetic cases at the run's resolution: identities after the training ones, view 0
+    the target, views 1..refs its references, degraded by the run's degradation mix (seeded by case).
+
+    Returns uint8 `gt`, `deg` (N, S, S, 3), `refs` (N, refs, S, S, 3) and bool `traits` (N, S, S): the pixels
+    of the identity's fine traits (irises, brows, mole, lips, freckles) in the target.
+    """
+    s = cfg.data.synthetic
+    source = synthetic.SyntheticSource(count, refs + 1, cfg.data.resolution, s.seed, first_identity=s.num_identities)
+    degrade_case = degradation_for(cfg, "")
+    cases = {"gt": [], "deg": [], "refs": [], "traits": []}
+    for i, record in enumerate(source.records[:: refs + 1]):
+        gt, traits = source.fetch(record.gt, with_traits=True)
+        cases["gt"].append(gt)
+        cases["traits"].append(traits)
+        cases["deg"].append(degrade_case(gt, i)[0])
+        cases["refs"].append(np.stack([source.fetch(k) for k in record.refs]) if refs else
+                             np.zeros((0, *gt.shape), np.uint8))
+    return {k: np.stack(v) for k, v in cases.items()}
+
+
+def trait_mse(image: np.ndarray, gt: np.ndarray, traits: np.ndarray) -> float:
+    """Mean squared error on the [0, 1] scale over the RGB values of the trait pixels."""
+    diff = image.astype(np.float64) / 255.0 - gt.astype(np.float64) / 255.0
+    return float(np.mean(np.square(diff[traits])))
+
+
+def evaluate_synthetic(args: argparse.Namespace) -> int:
+    """Restores held-out synthetic identities without and with references and scores them against the
+    degraded input: PSNR, SSIM and the trait error (what references should fix)."""
+    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema)
+    if cfg.data.source != "synthetic":
+        print(f"note: {args.checkpoint} was trained on {cfg.data.source!r} data; evaluating on synthetic faces",
+              file=sys.stderr)
+    refs = args.refs or 1  # the restoration without references always runs too
+    out_dir = args.output_dir or os.path.join(args.checkpoint, "eval", f"synthetic{args.synthetic}_refs{refs}")
+    os.makedirs(out_dir, exist_ok=True)
+    cases = synthetic_cases(cfg, args.synthetic, refs)
+    print(f"evaluating the step-{step} model of {args.checkpoint} on {args.synthetic} held-out synthetic "
+          f"identities ({refs} reference(s)) -> {out_dir}", file=sys.stderr)
+    run = nnx.jit(partial(restore.restore, steps=args.steps, guidance=args.guidance))
+    key, batch = jax.random.PRNGKey(args.seed), 16
+    deg, ref_images = to_model(cases["deg"]), to_model(cases["refs"])
+    outputs = {"without": [], "with": []}
+    for start in tqdm(range(0, len(deg), batch), unit="batch", file=sys.stderr):
+        chunk = slice(start, start + batch)
+        for name, r in (("without", ref_images[chunk][:, :0]), ("with", ref_images[chunk])):
+            restored = np.asarray(run(system, jnp.asarray(deg[chunk]), jnp.asarray(r), key))
+            outputs[name].extend(restore.from_model(x, x.shape[:2]) for x in restored)
+    methods = {"Input (LQ)": cases["deg"], "IConFace, no references": np.stack(outputs["without"]),
+               f"IConFace, {refs} reference{'s' if refs > 1 else ''}": np.stack(outputs["with"])}
+
+    per_image, records = [], []
+    for name, images in methods.items():
+        scores = [{"psnr": metrics.psnr(x, gt), "ssim": metrics.ssim(x, gt), "trait_mse": trait_mse(x, gt, m)}
+                  for x, gt, m in zip(images, cases["gt"], cases["traits"])]
+        per_image += [{"method": name, "index": i, **{k: f"{v:.6f}" for k, v in sc.items()}}
+                      for i, sc in enumerate(scores)]
+        records.append({"method": name, "images": len(scores),
+                        **{k: float(np.mean([sc[k] for sc in scores])) for k in SYNTHETIC_METRICS}})
+    table = ["| Method | " + " | ".join(label for label, _ in SYNTHETIC_METRICS.values()) + " |",
+             "|" + "---|" * (len(SYNTHETIC_METRICS) + 1)]
+    table += [f"| {r['method']} | " + " | ".join(f"{r[k]:.{d}f}" for k, (_, d) in SYNTHETIC_METRICS.items()) + " |"
+              for r in records]
+    text = (f"Held-out synthetic identities, step {step}: {args.synthetic} images at {cfg.data.resolution} px, "
+            f"{args.steps} steps, guidance {args.guidance}, seed {args.seed}.\n\n" + "\n".join(table) + "\n")
+    for filename, rows in ((PER_IMAGE_FILE, per_image), ("summary.csv", records)):
+        with open(os.path.join(out_dir, filename), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(text)
+    columns = [cases["deg"], cases["refs"][:, 0], *list(methods.values())[1:], cases["gt"]]
+    sheet = np.concatenate([np.concatenate(list(c[: args.sheet_rows]), axis=0) for c in columns], axis=1)
+    Image.fromarray(cv2.resize(sheet, None, fx=3, fy=3, interpolation=cv2.INTER_NEAREST)).save(
+        os.path.join(out_dir, "contact_sheet.png"))
+    print(text, end="")
+    print(f"wrote {out_dir}/{{{PER_IMAGE_FILE}, summary.md, summary.csv, contact_sheet.png}} "
+          "(contact sheet: LQ | Ref_1 | no references | with references | GT)", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description="Evaluate IConFace on a benchmark CSV (Ref/GT-AdaFace, PSNR, SSIM, IQA).")
     p.add_argument("--checkpoint", required=True, help="training workdir (config.json + checkpoints/)")
-    p.add_argument("--csv", required=True, help="CSV with gt_image, optional lq_image, ref_image (list literal)")
-    p.add_argument("--image-dir", required=True, help="folder the CSV's gt_image (and ref_image) names are relative to")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--csv", help="CSV with gt_image, optional lq_image, ref_image (list literal)")
+    source.add_argument("--synthetic", type=int, metavar="N",
+                        help="instead of a CSV: N held-out synthetic identities, restored without and with --refs "
+                             "references (default 1), scored by PSNR, SSIM and the error on their fine traits")
+    p.add_argument("--image-dir", default="", help="folder the CSV's gt_image (and ref_image) names are relative to")
     p.add_argument("--lq-dir", default="", help="folder of the given degraded images (default: --image-dir)")
     p.add_argument("--ref-dir", default="", help="folder of the references (default: --image-dir)")
-    p.add_argument("--refs", type=int, choices=(0, 1, 2, 3), default=3, help="references given to the model")
+    p.add_argument("--refs", type=int, choices=(0, 1, 2, 3), default=None,
+                   help="references given to the model (default 3; with --synthetic 1)")
     p.add_argument("--output-dir", default="", help="default: CHECKPOINT/eval/<csv name>_refs<k>")
     p.add_argument("--dataset", default="", help="dataset name in the summary for rows without a `dataset` "
                                                  "column (default: the CSV's name)")
@@ -374,7 +466,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-iqa", action="store_true", help="skip MUSIQ, CLIP-IQA and MANIQA even if pyiqa is present")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even where an EMA was kept")
     args = p.parse_args(argv)
+    if args.csv and not args.image_dir:
+        p.error("--csv needs --image-dir")
     try:
+        if args.synthetic is not None:
+            if args.synthetic < 1 or args.refs == 0:
+                p.error("--synthetic needs at least 1 identity and restores without references anyway: "
+                        "--refs (1-3, default 1) is what the second restoration gets")
+            return evaluate_synthetic(args)
+        args.refs = 3 if args.refs is None else args.refs
         return evaluate(args)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

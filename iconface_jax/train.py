@@ -74,8 +74,13 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
     return optax.chain(optax.clip_by_global_norm(t.grad_clip), optax.adamw(schedule, weight_decay=t.weight_decay))
 
 
+def identity_loss_active(batch: dict, t: ml_collections.ConfigDict) -> bool:
+    """Whether a step has the identity loss (static: batches are grouped by reference count)."""
+    return batch["refs"].shape[1] > 0 and t.lambda_id > 0
+
+
 def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
-    """Flow matching on the scene tokens plus, for samples with references, the identity loss."""
+    """The loss terms [L_fm, L_id] (batch means; L_id only for samples with references) and the metrics."""
     system = nnx.merge(graphdef, params, rest)
     gt, deg, refs = batch["gt"], batch["deg"], batch["refs"]
     b, h, w, _ = gt.shape
@@ -89,7 +94,7 @@ def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
     k_sigma, k_eps, k_drop = jax.random.split(key, 3)
     # Shift 0: train where the sampler spends its steps, FLUX.2's dynamic shift exp(mu) at this token count.
     shift = t.sigma_shift or math.exp(sampling.empirical_mu(z0.shape[1], SCHEDULE_STEPS))
-    sigma = flow.sample_sigma(k_sigma, b, t.sigma_mean, t.sigma_std, shift)
+    sigma = flow.sample_sigma(k_sigma, b, t.sigma_mean, t.sigma_std, shift, t.sigma_law, t.sigma_unshifted_fraction)
     eps = jax.random.normal(k_eps, z0.shape, jnp.float32)
     z = flow.interpolate(z0, eps, sigma)
     dropped = jax.random.bernoulli(k_drop, t.text_dropout, (b,))  # empty prompt: trains the CFG branch
@@ -97,19 +102,31 @@ def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
     velocity = system.model(z, x_deg, x_refs, text_emb, sigma, e_id, grid=grid)
     l_fm = flow.loss(velocity, z0, eps)
     l_id = jnp.zeros_like(l_fm)
-    if refs.shape[1] > 0 and t.lambda_id > 0:  # static: batches are grouped by reference count
+    if identity_loss_active(batch, t):
         restored = system.decode(flow.estimate_z0(z, velocity, sigma), h, w)
         e_gt = jax.lax.stop_gradient(system.embed(gt))
         l_id = losses.identity_loss(system.embed(restored), e_id, e_gt, sigma, batch["num_refs"] > 0,
                                     t.lambda_h, t.omega_min)
-    total = jnp.mean(l_fm + t.lambda_id * l_id)
-    return total, {"loss": total, "loss_fm": jnp.mean(l_fm), "loss_id": jnp.mean(l_id)}
+    terms = jnp.stack([jnp.mean(l_fm), jnp.mean(l_id)])
+    return terms, {"loss": terms[0] + t.lambda_id * terms[1], "loss_fm": terms[0], "loss_id": terms[1]}
 
 
 def train_step(state, rest, batch, *, graphdef, tx, t):
-    """One update; a non-finite loss or gradient skips it (state unchanged, flagged in the metrics)."""
+    """One update; a non-finite loss or gradient skips it (state unchanged, flagged in the metrics).
+
+    The gradient is L_fm's plus lambda_id L_id's; with `t.term_grad_norms` both are also computed apart (one
+    more backward pass on steps with the identity loss) and their norms logged as grad_norm_fm, grad_norm_id.
+    """
     key, sub = jax.random.split(state["key"])
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"], rest, graphdef, batch, sub, t)
+    _, pullback, metrics = jax.vjp(lambda p: loss_fn(p, rest, graphdef, batch, sub, t), state["params"], has_aux=True)
+    weights = jnp.asarray([1.0, t.lambda_id], jnp.float32)
+    if t.term_grad_norms and identity_loss_active(batch, t):
+        fm, ident = (pullback(w)[0] for w in jnp.diag(weights))
+        grads = jax.tree.map(jnp.add, fm, ident)
+        metrics.update(grad_norm_fm=optax.global_norm(fm), grad_norm_id=optax.global_norm(ident))
+    else:
+        grads = pullback(weights)[0]
+        metrics.update(grad_norm_fm=optax.global_norm(grads), grad_norm_id=jnp.zeros((), jnp.float32))
     finite = jnp.isfinite(metrics["loss"]) & jnp.all(
         jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -135,9 +152,14 @@ def sample_grid(system, preview, key, log_cfg) -> np.ndarray:
 
 
 def preview_batch(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-    """A fixed batch with references for the sample grids (drawn with another seed than training)."""
-    data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
-    data_cfg.num_workers = 0
+    """A fixed batch with references for the sample grids: from held-out data where the source has it
+    (`pipeline.validation_config`), else from the training records under another seed."""
+    data_cfg = pipeline.validation_config(cfg.data)
+    if data_cfg is None:
+        print(f"sample grids show training images (data.source {cfg.data.source!r} has no validation split "
+              "configured)", flush=True)
+        data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
+    data_cfg.num_workers, data_cfg.latents = 0, ""
     it = pipeline.make_iterator(data_cfg, global_batch_size=cfg.log.sample_count, seed=cfg.seed + 1,
                                 process_index=0, process_count=1)
     for _ in range(100):
@@ -261,12 +283,13 @@ def write_row(row: dict, steps: int, writer, metrics_file) -> None:
     metrics.jsonl and TensorBoard."""
     prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
     print(f"{prefix}step {row['step']}/{steps}  loss {row['loss']:.4f} (fm {row['loss_fm']:.4f}, id "
-          f"{row['loss_id']:.4f})  {row['samples_s']:.1f} samples/s  MFU {row['mfu']:.3f}  "
+          f"{row['loss_id']:.4f})  |grad| fm {row['grad_norm_fm']:.3g} id {row['grad_norm_id']:.3g}  "
+          f"{row['samples_s']:.1f} samples/s  MFU {row['mfu']:.3f}  "
           f"ETA {row['eta_min']:.1f} min", flush=True)
     if metrics_file is not None:
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
-        for k in ("loss", "loss_fm", "loss_id", "grad_norm", "samples_s", "mfu"):
+        for k in ("loss", "loss_fm", "loss_id", "grad_norm", "grad_norm_fm", "grad_norm_id", "samples_s", "mfu"):
             writer.add_scalar(f"train/{k}", row[k], row["step"])
 
 

@@ -70,12 +70,14 @@ def load_transformer(path):
     return Flux2Transformer2DModel.from_pretrained(path).float().eval()
 
 
-@pytest.mark.parametrize("variant, cached", [(v, False) for v in sorted(iconface.VARIANTS)]
-                         + [("full", True), ("concat", True)])
-def test_export_matches_jax_through_peft(variant, cached, tmp_path):
+@pytest.mark.parametrize("variant, cached, options", [(v, False, {}) for v in sorted(iconface.VARIANTS)]
+                         + [("full", True, {}), ("concat", True, {}), ("full", False, {"memory_readers": "scene"}),
+                            ("full", True, {"memory_readers": "scene"}), ("full", False, {"prediction": "clean"})])
+def test_export_matches_jax_through_peft(variant, cached, options, tmp_path):
     """PyTorch (diffusers + peft; the reference cache as diffusers' KV extract pass) equals JAX."""
     cfg = demo_config(variant)
     cfg.model.iconface.reference_cache = cached
+    cfg.model.iconface.update(options)
     system = trained_like(face_system.build(cfg))
     out = tmp_path / "export"
     export.export(system, cfg, step=0, out=str(out), merged=True)

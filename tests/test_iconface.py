@@ -95,11 +95,11 @@ def test_no_reference_mode_has_no_reference_segment():
     assert model(**inputs(4), grid=GRID).shape == (2, N, 16)
 
 
-def perturb(model, seed):
+def perturb(model, seed, scale=0.05):
     """Non-zero values for every side-pathway parameter (as after training)."""
     rng = np.random.default_rng(seed)
     for _, var in nnx.to_flat_state(nnx.state(model, iconface.trainable)):
-        var.set_value(jnp.asarray(0.05 * rng.standard_normal(var.get_value().shape), var.get_value().dtype))
+        var.set_value(jnp.asarray(scale * rng.standard_normal(var.get_value().shape), var.get_value().dtype))
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -189,3 +189,52 @@ def test_identity_anchor_order_invariant_and_equal_norms_give_the_mean():
     np.testing.assert_allclose(iconface.identity_anchor(3.0 * unit, d), mean / jnp.linalg.norm(mean, axis=-1,
                                                                                                  keepdims=True),
                                atol=1e-6)
+
+
+def test_clean_prediction_is_the_velocity_of_the_predicted_tokens():
+    """prediction="clean" reads the same network output as x0 and returns (z - x0) / max(sigma, floor)."""
+    model = iconface.IConFace(backbone(), CFG)
+    perturb(model, seed=4)
+    x = dict(inputs(1), sigma=jnp.asarray([0.02, 0.6], jnp.float32))  # one sigma under the 0.05 floor
+    raw = np.asarray(model(**x, grid=GRID), np.float64)  # the velocity model's output is the network's output
+    model.config = dataclasses.replace(CFG, prediction="clean", clean_sigma_floor=0.05)
+    got = np.asarray(model(**x, grid=GRID), np.float64)
+    z = np.asarray(x["scene"], np.float64)
+    want = np.stack([(z[0] - raw[0]) / 0.05, (z[1] - raw[1]) / 0.6])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction"):
+        dataclasses.replace(CFG, prediction="noise")
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_memory_readers_are_the_named_image_tokens(cached, monkeypatch):
+    """`image`: scene, degraded and reference tokens read the memory after every block (cached ones in the cache
+    pass); `scene`: the scene tokens alone. Recorded from the cross-attention's own calls."""
+    seen = []
+    call = iconface.MemoryCrossAttention.__call__
+    monkeypatch.setattr(iconface.MemoryCrossAttention, "__call__",
+                        lambda self, h, memory: (seen.append(h.shape[1]), call(self, h, memory))[1])
+    refs, blocks = 2, 2 + 2  # the tiny preset: 2 double and 2 single blocks
+    outputs = {}
+    for readers in ("scene", "image"):
+        model = iconface.IConFace(backbone(), dataclasses.replace(CFG, memory_readers=readers, reference_cache=cached))
+        perturb(model, seed=6, scale=0.5)  # large enough that the degraded tokens' reads reach the scene
+        seen.clear()
+        outputs[readers] = np.asarray(model(**inputs(refs), grid=GRID))
+        if readers == "scene":
+            assert seen == [N] * blocks
+        elif cached:  # the cache pass reads once for [degraded; refs], then the scene at the step
+            assert seen == [(1 + refs) * N] * blocks + [N] * blocks
+        else:
+            assert seen == [(2 + refs) * N] * blocks
+    assert rel_err(outputs["image"], outputs["scene"]) > 1e-4
+
+
+def test_smooth_is_the_binomial_blur_with_replicated_edges():
+    """smooth() against a hand computation: [1, 2, 1] / 4 per axis, edge rows and columns repeated."""
+    x = np.arange(12, dtype=np.float64).reshape(3, 4) ** 2
+    padded = np.pad(x, 1, mode="edge")
+    k = np.array([1.0, 2.0, 1.0]) / 4
+    want = sum(k[i] * k[j] * padded[i:i + 3, j:j + 4] for i in range(3) for j in range(3))
+    got = iconface.smooth(jnp.asarray(x, jnp.float32).reshape(1, 12, 1), (3, 4))
+    np.testing.assert_allclose(np.asarray(got).reshape(3, 4), want, rtol=1e-6)

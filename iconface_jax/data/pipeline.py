@@ -65,7 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.device_prefetch = 2
 
     c.degradation = ml_collections.ConfigDict()
-    # Each sample picks one preset; the paper trains one checkpoint for moderate and severe inputs.
+    # Each sample picks one preset: one checkpoint serves moderate and severe inputs (our choice; the paper's
+    # "single checkpoint, two modes" means with and without references).
     c.degradation.presets = ("moderate", "severe")
     c.degradation.preset_probs = (0.5, 0.5)
     # Full parameters of every named preset (degrade.Preset fields), overridable from the command
@@ -73,10 +74,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.degradation.params = ml_collections.ConfigDict(
         {name: p.to_dict() for name, p in degrade.PRESETS.items()})
 
-    c.synthetic = ml_collections.ConfigDict(dict(num_identities=1000, images_per_identity=6, seed=0))
-    # FFHQ-Ref (ReF-LDM release): the CSV and image folders; split_file: id_based_ffhq_split/*.txt.
+    c.synthetic = ml_collections.ConfigDict(dict(num_identities=1000, images_per_identity=6, seed=0,
+                                                 first_identity=0))
+    # FFHQ-Ref (ReF-LDM release): the CSV and image folders; split_file: id_based_ffhq_split/*.txt. The
+    # validation CSV and split (val_references.csv, val.txt), if given, feed the training sample grids.
     c.ffhq_ref = ml_collections.ConfigDict(dict(
-        csv="", image_dir="", lq_dir="", ref_dir="", split_file=""))
+        csv="", image_dir="", lq_dir="", ref_dir="", split_file="", val_csv="", val_split_file=""))
     c.folder = ml_collections.ConfigDict(dict(root=""))  # root/<identity>/*.{png,jpg,jpeg,webp}
     c.tfds = ml_collections.ConfigDict(dict(
         name="", split="train", data_dir="", image_key="image", identity_key="identity"))
@@ -88,7 +91,7 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
     kind = config.source
     if kind == "synthetic":
         s = config.synthetic
-        return SyntheticSource(s.num_identities, s.images_per_identity, config.resolution, s.seed)
+        return SyntheticSource(s.num_identities, s.images_per_identity, config.resolution, s.seed, s.first_identity)
     if kind == "ffhq_ref":
         s = config.ffhq_ref
         return FFHQRefSource(s.csv, s.image_dir, s.lq_dir, s.ref_dir, s.split_file)
@@ -98,6 +101,19 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
         s = config.tfds
         return TfdsSource(s.name, s.split, s.data_dir, s.image_key, s.identity_key)
     raise ValueError(f"unknown data source {kind!r}: synthetic, ffhq_ref, folder or tfds")
+
+
+def validation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """The `data` config of held-out data for previews: synthetic identities after the training ones, or
+    FFHQ-Ref's validation CSV when `ffhq_ref.val_csv` is set; None where the source has no held-out part."""
+    held_out = ml_collections.ConfigDict(config.to_dict())
+    if config.source == "synthetic":
+        held_out.synthetic.first_identity = config.synthetic.first_identity + config.synthetic.num_identities
+        return held_out
+    if config.source == "ffhq_ref" and config.ffhq_ref.val_csv:
+        held_out.ffhq_ref.csv, held_out.ffhq_ref.split_file = config.ffhq_ref.val_csv, config.ffhq_ref.val_split_file
+        return held_out
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -131,6 +131,7 @@ class _Canvas:
 
     def __init__(self, size: int, traits: Traits, view: View):
         self.img = np.empty((size, size, 3), np.uint8)
+        self.traits = np.zeros((size, size), np.uint8)  # 255 where an identity's fine trait is drawn
         self.size = size
         self.b = 0.36 * size * view.scale  # face half-height in pixels
         self.a = self.b * traits.face_width * (1.0 - 0.12 * abs(view.yaw))
@@ -157,28 +158,37 @@ class _Canvas:
         return max(1, int(round(r * self.b * (1 << _SHIFT))))
 
     def ellipse(self, u: float, v: float, ru: float, rv: float, angle: float, colour, thickness: int = -1,
-                start: float = 0, end: float = 360, depth: float = 1.0) -> None:
-        """An ellipse at (u, v) with radii in face half-heights, turned with the head."""
-        cv2.ellipse(self.img, self.pt(u, v, depth), (self.radius(ru), self.radius(rv)),
-                    self.roll_degrees + angle, start, end, colour, thickness, cv2.LINE_AA, _SHIFT)
+                start: float = 0, end: float = 360, depth: float = 1.0, trait: bool = False) -> None:
+        """An ellipse at (u, v) with radii in face half-heights, turned with the head; `trait` marks its
+        area in the trait mask (`colour` None: marks only)."""
+        for img, c in ((self.img, colour), (self.traits if trait else None, 255)):
+            if img is not None and c is not None:
+                cv2.ellipse(img, self.pt(u, v, depth), (self.radius(ru), self.radius(rv)),
+                            self.roll_degrees + angle, start, end, c, thickness, cv2.LINE_AA, _SHIFT)
 
     def poly(self, pts: list[tuple[float, float]], colour, thickness: float, closed: bool = False,
-             fill: bool = False) -> None:
-        """A polyline (thickness in face half-heights) or a filled polygon through face points."""
+             fill: bool = False, trait: bool = False) -> None:
+        """A polyline (thickness in face half-heights) or a filled polygon through face points; `trait`
+        marks it in the trait mask."""
         arr = np.asarray([self.pt(u, v) for u, v in pts], np.int32)[None]
-        if fill:
-            cv2.fillPoly(self.img, arr, colour, cv2.LINE_AA, _SHIFT)
-        else:
-            px = max(1, int(round(thickness * self.b)))
-            cv2.polylines(self.img, arr, closed, colour, px, cv2.LINE_AA, _SHIFT)
+        for img, c in ((self.img, colour), (self.traits if trait else None, 255)):
+            if img is None:
+                continue
+            if fill:
+                cv2.fillPoly(img, arr, c, cv2.LINE_AA, _SHIFT)
+            else:
+                px = max(1, int(round(thickness * self.b)))
+                cv2.polylines(img, arr, closed, c, px, cv2.LINE_AA, _SHIFT)
 
 
 def _shade(colour: tuple[int, int, int], factor: float) -> tuple[int, int, int]:
     return tuple(int(np.clip(c * factor, 0, 255)) for c in colour)
 
 
-def render(traits: Traits, view: View, resolution: int) -> np.ndarray:
-    """Draw one face as (resolution, resolution, 3) uint8 RGB."""
+def render(traits: Traits, view: View, resolution: int, with_traits: bool = False):
+    """Draw one face as (resolution, resolution, 3) uint8 RGB; with `with_traits`, also its trait mask: a
+    (resolution, resolution) bool array, True where the identity's fine traits (irises, brows, mole, lips,
+    freckles) cover any part of a pixel."""
     ss = max(1, math.ceil(_MIN_CANVAS / resolution))
     c = _Canvas(resolution * ss, traits, view)
     bg = np.asarray(view.background, np.float32)
@@ -201,7 +211,7 @@ def render(traits: Traits, view: View, resolution: int) -> np.ndarray:
         for t in np.linspace(-1, 1, 9):  # inner (-1) to outer (+1) end
             v = -0.33 - view.brow_raise - traits.brow_arch * (1 - t * t) - traits.brow_slant * t
             pts.append((side * (0.38 + 0.2 * t), v))
-        c.poly(pts, _shade(hair, 0.8), traits.brow_thickness)
+        c.poly(pts, _shade(hair, 0.8), traits.brow_thickness, trait=True)
 
     # Eyes: white, iris of the identity's colour, pupil and highlight, clipped to the eye opening.
     for side in (-1, 1):
@@ -218,25 +228,27 @@ def render(traits: Traits, view: View, resolution: int) -> np.ndarray:
         bottom = [(t * 0.3, 0.58 + (curve + 0.12 * view.mouth_open) * (1 - t * t))
                   for t in np.linspace(1, -1, 11)]
         c.poly(top + bottom, (70, 20, 25), 0, fill=True)
-        c.poly(top + bottom, traits.lips, 0.035, closed=True)
+        c.poly(top + bottom, traits.lips, 0.035, closed=True, trait=True)
     else:
-        c.poly(top, traits.lips, 0.05)
+        c.poly(top, traits.lips, 0.05, trait=True)
 
     # Mole and freckles: the finest identity marks.
-    c.ellipse(*traits.mole_uv, traits.mole_radius, traits.mole_radius, 0, (55, 35, 30))
+    c.ellipse(*traits.mole_uv, traits.mole_radius, traits.mole_radius, 0, (55, 35, 30), trait=True)
     for fu, fv in traits.freckles:
-        c.ellipse(fu, fv, 0.012, 0.012, 0, _shade(skin, 0.68))
+        c.ellipse(fu, fv, 0.012, 0.012, 0, _shade(skin, 0.68), trait=True)
 
-    img = c.img
+    img, mask = c.img, c.traits
     if ss > 1:
         img = cv2.resize(img, (resolution, resolution), interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask, (resolution, resolution), interpolation=cv2.INTER_AREA)
     # Lighting (smooth, so applied after downsampling): a linear ramp in the light's direction, a
     # brightness and a colour cast.
     ax = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution - 0.5
     ramp = 1.0 + 2.0 * view.light_strength * (math.cos(view.light_angle) * ax[None, :]
                                               + math.sin(view.light_angle) * ax[:, None])
     gain = (ramp * view.brightness)[..., None] * np.asarray(view.tint, np.float32)
-    return np.clip(img * gain, 0, 255).astype(np.uint8)
+    img = np.clip(img * gain, 0, 255).astype(np.uint8)
+    return (img, mask > 0) if with_traits else img
 
 
 def _eye(c: _Canvas, traits: Traits, view: View, eu: float, ev: float) -> None:
@@ -260,6 +272,7 @@ def _eye(c: _Canvas, traits: Traits, view: View, eu: float, ev: float) -> None:
     mask = c.img[..., None].astype(np.float32) / 255.0
     crop[:] = (crop * (1.0 - mask) + layer * mask).astype(np.uint8)
     c.img, c.origin = base, (0, 0)
+    c.ellipse(eu, ev, ew, eh, 0, None, trait=True)  # the iris shows only inside the opening
     c.ellipse(eu, ev, ew, eh, 0, _shade(traits.skin, 0.45), thickness=max(1, int(0.014 * c.b)), start=180, end=360)
 
 
@@ -278,13 +291,15 @@ def _hair(c: _Canvas, traits: Traits, a_ratio: float) -> None:
 
 
 class SyntheticSource:
-    """`num_identities` synthetic identities with `images_per_identity` views each.
+    """`num_identities` synthetic identities with `images_per_identity` views each, numbered from
+    `first_identity` (a held-out set starts where the training identities end).
 
     Record keys are ints `identity * images_per_identity + view`; a record's references are the other
     views of its identity. `fetch` renders at `resolution`.
     """
 
-    def __init__(self, num_identities: int, images_per_identity: int, resolution: int, seed: int = 0):
+    def __init__(self, num_identities: int, images_per_identity: int, resolution: int, seed: int = 0,
+                 first_identity: int = 0):
         if images_per_identity < 2:
             raise ValueError("a synthetic identity needs at least 2 images (one target, one reference)")
         self.num_identities = num_identities
@@ -294,11 +309,12 @@ class SyntheticSource:
         n = images_per_identity
         self.records = [
             Record(gt=i * n + v, refs=tuple(i * n + w for w in range(n) if w != v))
-            for i in range(num_identities) for v in range(n)
+            for i in range(first_identity, first_identity + num_identities) for v in range(n)
         ]
         self.issues: dict[str, int] = {}
 
-    def fetch(self, key: int) -> np.ndarray:
-        """Render image `key` as uint8 RGB."""
+    def fetch(self, key: int, with_traits: bool = False):
+        """Render image `key` as uint8 RGB (and its trait mask, see `render`)."""
         identity, view = divmod(int(key), self.images_per_identity)
-        return render(identity_traits(self.seed, identity), view_params(self.seed, identity, view), self.resolution)
+        return render(identity_traits(self.seed, identity), view_params(self.seed, identity, view), self.resolution,
+                      with_traits)

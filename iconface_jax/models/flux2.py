@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -369,17 +369,22 @@ class Flux2Transformer(nnx.Module):
         """Output norm and projection of the image tokens back to latent channels."""
         return self.proj_out(self.norm_out(img, temb))
 
-    def cached_blocks(self, tokens: jax.Array, rope, mod_img: jax.Array, mod_single: jax.Array) -> ReferenceCache:
+    def cached_blocks(self, tokens: jax.Array, rope, mod_img: jax.Array, mod_single: jax.Array,
+                      after_block: Callable[[int, jax.Array], jax.Array] | None = None) -> ReferenceCache:
         """Runs embedded tokens (B, L, D) that attend only among themselves through every block, keeping each
-        block's keys and values; `rope` covers them alone, the modulations are those of their fixed timestep."""
+        block's keys and values; `rope` covers them alone, the modulations are those of their fixed timestep.
+        `after_block(i, tokens)`, if given, transforms the tokens after block i (double blocks first)."""
         no_text = tokens[:, :0]
+        after_block = after_block or (lambda i, h: h)
         double = []
-        for block in self.transformer_blocks:
+        for i, block in enumerate(self.transformer_blocks):
             tokens, _, kv = self.run_block(block, tokens, no_text, mod_img, mod_img, rope)
+            tokens = after_block(i, tokens)
             double.append(kv)
         single = []
-        for block in self.single_transformer_blocks:
+        for i, block in enumerate(self.single_transformer_blocks):
             tokens, kv = self.run_block(block, tokens, mod_single, rope)
+            tokens = after_block(len(self.transformer_blocks) + i, tokens)
             single.append(kv)
         return ReferenceCache(tuple(double), tuple(single))
 

@@ -29,6 +29,8 @@ VARIANTS = {
     "one_route": (True, True, 1),
     "full": (True, True, 2),
 }
+PREDICTIONS = ("velocity", "clean")
+MEMORY_READERS = ("image", "scene")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +53,23 @@ class IConFaceConfig:
     # Degraded and reference tokens attend only among themselves at sigma 0, so their keys and values are
     # computed once per image (diffusers' Flux2 KV mode). Changes the model: train with it to sample with it.
     reference_cache: bool = False
+    # What the network's output is read as: the velocity (FLUX.2's training), or the clean scene tokens x0,
+    # turned into the velocity (z - x0) / max(sigma, clean_sigma_floor) so the loss and sampler are unchanged.
+    # Clean prediction suits narrow networks on wide pixel-patch tokens (the CPU demo; BUILD_NOTES.md).
+    prediction: str = "velocity"
+    clean_sigma_floor: float = 0.05
+    # Which image tokens read the degraded memory after every block: the paper's "image tokens" (scene,
+    # degraded and references; cached tokens read it in the cache pass, as it does not depend on sigma), or
+    # the scene tokens alone.
+    memory_readers: str = "image"
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown IConFace variant {self.variant!r}; expected one of {sorted(VARIANTS)}")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; expected one of {PREDICTIONS}")
+        if self.memory_readers not in MEMORY_READERS:
+            raise ValueError(f"unknown memory_readers {self.memory_readers!r}; expected one of {MEMORY_READERS}")
 
     @property
     def use_residual(self) -> bool:
@@ -250,7 +265,10 @@ class IConFace(nnx.Module):
             c = bb.conditioning(jnp.zeros((b,)), self._conditioning_ids(degraded_grid, grid, n_refs),
                                 sequence.text_ids(0))
             mod_img, mod_single = _with_delta(c.mod_img, delta_double), _with_delta(c.mod_single, delta_single)
-            cache, tokens = bb.cached_blocks(tokens, c.rope, mod_img, mod_single), None
+            read = None
+            if memory is not None and cfg.memory_readers == "image":
+                read = lambda i, h: self.memory_xattn[i](h, memory)  # noqa: E731
+            cache, tokens = bb.cached_blocks(tokens, c.rope, mod_img, mod_single, after_block=read), None
         return Conditions(residual, memory, delta_double, delta_single, tokens, cache,
                           tuple(grid), tuple(degraded_grid), n_refs)
 
@@ -273,11 +291,15 @@ class IConFace(nnx.Module):
         mod_img = _with_delta(c.mod_img, cond.delta_double)
         mod_single = ((txt.shape[1], c.mod_single), (img.shape[1], _with_delta(c.mod_single, cond.delta_single)))
 
+        # The memory's readers: the scene tokens, or every image token in the sequence (cached ones read it
+        # in the cache pass).
+        n_readers = n_scene if cfg.memory_readers == "scene" else img.shape[1]
+
         def read_memory(block_index, h, start):
             if cond.memory is None:
                 return h
-            scene_h = self.memory_xattn[block_index](h[:, start:start + n_scene], cond.memory)
-            return h.at[:, start:start + n_scene].set(scene_h)
+            readers = self.memory_xattn[block_index](h[:, start:start + n_readers], cond.memory)
+            return h.at[:, start:start + n_readers].set(readers)
 
         cache = cond.cache
         for i, block in enumerate(bb.transformer_blocks):
@@ -289,7 +311,10 @@ class IConFace(nnx.Module):
         for i, block in enumerate(bb.single_transformer_blocks):
             x, _ = bb.run_block(block, x, mod_single, c.rope, None if cache is None else cache.single[i])
             x = read_memory(len(bb.transformer_blocks) + i, x, n_txt)
-        return bb.head(x[:, n_txt:n_txt + n_scene], c.temb)
+        out = bb.head(x[:, n_txt:n_txt + n_scene], c.temb)
+        if cfg.prediction == "clean":
+            return clean_to_velocity(scene, out, sigma, cfg.clean_sigma_floor)
+        return out
 
     def __call__(self, scene: jax.Array, degraded: jax.Array, references: jax.Array, text: jax.Array,
                  sigma: jax.Array, e_id: jax.Array | None = None, *, grid: tuple[int, int],
@@ -303,6 +328,12 @@ class IConFace(nnx.Module):
         cfg = self.config
         return np.concatenate([sequence.image_ids(cfg.t_degraded, *degraded_grid)]
                               + [sequence.image_ids(cfg.t_reference + r, *grid) for r in range(n_refs)])
+
+
+def clean_to_velocity(scene: jax.Array, clean: jax.Array, sigma: jax.Array, floor: float) -> jax.Array:
+    """The velocity (z - x0) / max(sigma, floor) of a clean-token prediction x0 (JiT's x-prediction)."""
+    s = jnp.maximum(sigma.astype(jnp.float32), floor).reshape(-1, *([1] * (scene.ndim - 1)))
+    return ((scene.astype(jnp.float32) - clean.astype(jnp.float32)) / s).astype(clean.dtype)
 
 
 def _with_delta(mod: jax.Array, delta: jax.Array | None) -> jax.Array:
