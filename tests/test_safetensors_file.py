@@ -3,6 +3,7 @@ every refusal naming the file (and the tensor) for truncated, foreign, malformed
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import ml_dtypes
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from convert.common import ConversionError, open_source
+from convert.common import ConversionError, Entry, cli, convert, open_source
 from convert.safetensors_file import Reader, SafetensorsError, read_header
 
 TENSORS = {
@@ -77,13 +78,20 @@ def test_bad_files_are_refused_naming_the_file(good, tmp_path, case):
         open_source(str(path))
 
 
-def test_a_dtype_numpy_lacks_is_refused_naming_file_and_key(tmp_path):
+def test_a_dtype_numpy_lacks_is_refused_naming_file_and_key(tmp_path, capsys):
     path = tmp_path / "fp8.safetensors"
     save_file({"w": torch.zeros(4, dtype=torch.float8_e4m3fn), "b": torch.ones(2)}, str(path))
     reader = Reader(read_header(str(path)))
     np.testing.assert_array_equal(reader.read("b"), np.ones(2, np.float32))
-    with pytest.raises(SafetensorsError, match=rf"{path}: tensor 'w' \(F8_E4M3\) cannot be read"):
+    message = f"{path}: tensor 'w' (F8_E4M3) cannot be read"
+    with pytest.raises(SafetensorsError, match=re.escape(message)):
         reader.read("w")
+    # Through a converter's command line: an error line, not a traceback, and nothing written.
+    plan = lambda _: ({}, {"w": Entry(("w",), ((4,),)), "b": Entry(("b",), ((2,),))})  # noqa: E731
+    run = lambda src, dst, dtype: convert(src, dst, dtype, "test", plan)  # noqa: E731
+    assert cli("test", run, ["--src", str(path), "--dst", str(tmp_path / "out")]) == 1
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp8.safetensors"]
 
 
 def test_shards_a_duplicate_and_a_missing_shard_are_named(tmp_path):
