@@ -96,7 +96,8 @@ def materialise(reader: Reader, plan: dict[str, Entry], dtype: np.dtype, desc: s
         # ml_dtypes.bfloat16 is not a numpy floating subtype, so test the kind.
         for key, array in zip(entry.keys, arrays):
             if not (array.dtype.kind == "f" or array.dtype == ml_dtypes.bfloat16):
-                raise ConversionError(f"{reader.infos[key].path}: tensor {key!r} is {array.dtype}, expected floating point")
+                path = reader.infos[key].path
+                raise ConversionError(f"{path}: tensor {key!r} is {array.dtype}, expected floating point")
         stored = dtype if entry.dtype is None else entry.dtype
         yield name, np.ascontiguousarray(entry.transform(*[a.astype(np.float32) for a in arrays]).astype(stored))
 

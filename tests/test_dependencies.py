@@ -86,7 +86,7 @@ def undeclared(main: set[str], extras: set[str]) -> list[str]:
         if dists & main or not required and (guarded or dists & extras):
             continue
         where = "[project].dependencies" if required else "[project].dependencies or an extra"
-        problems.append(f"{relative}:{line} imports {top} ({', '.join(sorted(dists))}), not in pyproject.toml's {where}")
+        problems.append(f"{relative}:{line} imports {top} ({', '.join(sorted(dists))}), not in pyproject's {where}")
     return problems
 
 
