@@ -21,7 +21,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-import ml_dtypes
 import numpy as np
 
 from convert.common import ConversionError, Entry, check_plan, cli, materialise, open_source
@@ -86,20 +85,11 @@ class _ArrayReader(Reader):
     """A `Reader` over tensors already in memory (from a torch pickle), keyed like the file."""
 
     def __init__(self, path: str, arrays: dict[str, np.ndarray]):
-        super().__init__({k: TensorInfo(path, a.dtype, tuple(a.shape), 0, 0) for k, a in arrays.items()})
+        super().__init__({k: TensorInfo(path, tuple(a.shape)) for k, a in arrays.items()})
         self._arrays = arrays
 
     def read(self, key: str) -> np.ndarray:
         return self._arrays[key]
-
-
-class _UpcastReader(Reader):
-    """Returns bfloat16 tensors as float32: `common.materialise` tests `np.issubdtype(dtype, np.floating)`,
-    which is False for `ml_dtypes.bfloat16`."""
-
-    def read(self, key: str) -> np.ndarray:
-        a = super().read(key)
-        return a.astype(np.float32) if a.dtype == ml_dtypes.bfloat16 else a
 
 
 def _is_safetensors(path: str) -> bool:
@@ -144,7 +134,7 @@ def _to_numpy(path: str, key: str, tensor) -> np.ndarray:
         raise ConversionError(f"{path}: entry {key!r} of the state dict is a {type(tensor).__name__}, not a tensor")
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
-        return tensor.float().numpy()  # numpy has no bfloat16, and materialise wants a numpy floating dtype
+        return tensor.float().numpy()  # torch cannot hand bfloat16 to numpy
     return tensor.numpy()
 
 
@@ -174,7 +164,7 @@ def open_reader(src: str, allow_unsafe_pickle: bool = False) -> Reader:
         raise ConversionError(f"{src}: no such file or directory")
     if _is_safetensors(src):
         reader = open_source(src)
-        return _UpcastReader({k: v for k, v in reader.infos.items() if not _ignored(k)})
+        return Reader({k: v for k, v in reader.infos.items() if not _ignored(k)})
     return _state_dict_reader(src, allow_unsafe_pickle)
 
 

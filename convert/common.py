@@ -94,9 +94,10 @@ def materialise(reader: Reader, plan: dict[str, Entry], dtype: np.dtype, desc: s
     for name, entry in tqdm(plan.items(), desc=desc, unit="tensor", file=sys.stderr, mininterval=1.0):
         arrays = [reader.read(k) for k in entry.keys]
         # ml_dtypes.bfloat16 is not a numpy floating subtype, so test the kind.
-        if not all(a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16 for a in arrays):
-            info = reader.infos[entry.keys[0]]
-            raise ConversionError(f"{info.path}: tensor {entry.keys[0]!r} is {info.dtype}, expected floating point")
+        for key, array in zip(entry.keys, arrays):
+            if not (array.dtype.kind == "f" or array.dtype == ml_dtypes.bfloat16):
+                path = reader.infos[key].path
+                raise ConversionError(f"{path}: tensor {key!r} is {array.dtype}, expected floating point")
         stored = dtype if entry.dtype is None else entry.dtype
         yield name, np.ascontiguousarray(entry.transform(*[a.astype(np.float32) for a in arrays]).astype(stored))
 
@@ -133,7 +134,7 @@ def cli(description: str, convert_fn: Callable[..., None], argv: Sequence[str] |
     start = time.perf_counter()
     try:
         convert_fn(args.src, args.dst, np.dtype(DTYPES[args.dtype]), **extra)
-    except (ConversionError, weights.WeightsError) as e:
+    except (ConversionError, SafetensorsError, weights.WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst} in {time.perf_counter() - start:.1f} s", file=sys.stderr)

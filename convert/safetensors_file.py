@@ -1,24 +1,24 @@
-"""A dependency-free safetensors reader and writer that stream one tensor at a time.
+"""Safetensors files for the converters: read through the `safetensors` library, written by our streaming writer.
 
-numpy has no bfloat16, so BF16 tensors are returned as `ml_dtypes.bfloat16` arrays; the `safetensors`
-package's numpy backend refuses them and its torch backend would make torch a runtime dependency.
+Reading uses `safe_open(path, framework="np", backend="pread")`: headers are parsed and checked by the library
+(the tensors must cover the file exactly), shapes come from the header alone, and each tensor is read with
+positioned reads into a fresh array (no memory map, whose touched pages would stay resident and count against
+the process). BF16 tensors come back as `ml_dtypes.bfloat16`, which numpy knows once `ml_dtypes` is imported.
+The library's errors are re-raised naming the file (and the tensor, when one is being read).
+
+Writing stays ours: the library's writers take every tensor in memory at once; `write_safetensors` makes and
+writes one tensor at a time.
 """
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import ml_dtypes
+import ml_dtypes  # registers bfloat16 with numpy: the library's numpy backend needs it to return BF16 tensors
 import numpy as np
-
-_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_MAX_HEADER = 100 * 2**20
+from safetensors import SafetensorError, safe_open
 
 
 class SafetensorsError(ValueError):
@@ -27,67 +27,45 @@ class SafetensorsError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: file, dtype, shape and byte range inside the data section."""
+    """Where one tensor lives and its shape, as the header says."""
 
     path: str
-    dtype: np.dtype
     shape: tuple[int, ...]
-    start: int
-    end: int
+
+
+def _open(path: str) -> safe_open:
+    """The library's reader over `path`, its refusals re-raised as `SafetensorsError` naming the file."""
+    try:
+        return safe_open(path, framework="np", backend="pread")
+    except SafetensorError as e:
+        # The library's only check on where the data ends: the header's tensors must end at the end of the file.
+        if "not fully covered" in str(e):
+            raise SafetensorsError(f"{path}: its tensors do not end where the file does (truncated?): {e}") from None
+        raise SafetensorsError(f"{path}: not a safetensors file ({e})") from None
 
 
 def read_header(path: str) -> dict[str, TensorInfo]:
-    """Parses and validates the header of `path` without reading tensor data."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise SafetensorsError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(_MAX_HEADER, size - 8):
-                raise SafetensorsError(f"{path}: not a safetensors file (header length {n} does not fit the file)")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
-    data_start, out = 8 + n, {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = np.dtype(_DTYPES[entry["dtype"]])
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: tensor {key!r} has a malformed header entry {entry!r}") from None
-        if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-            raise SafetensorsError(f"{path}: tensor {key!r} byte range does not match its shape {shape}")
-        if data_start + end > size:
-            raise SafetensorsError(f"{path}: tensor {key!r} lies past the end of the file (truncated?)")
-        out[key] = TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
-    return out
+    """The tensors of `path` and their shapes, from the header only (no tensor data is read)."""
+    with _open(path) as f:
+        return {key: TensorInfo(path, tuple(f.get_slice(key).get_shape())) for key in f.keys()}
 
 
 class Reader:
-    """Reads tensors from one or more safetensors files, one positioned read per tensor.
-
-    Plain reads rather than a memory map: mapped pages stay resident and count against the process,
-    so converting a whole checkpoint would hold the source and the output at once.
-    """
+    """Reads tensors from one or more safetensors files, one tensor at a time."""
 
     def __init__(self, infos: dict[str, TensorInfo]):
         self.infos = infos
 
     def read(self, key: str) -> np.ndarray:
         """The tensor `key` as a new numpy array."""
-        info = self.infos[key]
-        count = (info.end - info.start) // info.dtype.itemsize
-        array = np.fromfile(info.path, dtype=info.dtype, count=count, offset=info.start)
-        if array.size != count:
-            raise SafetensorsError(f"{info.path}: tensor {key!r} is cut short (file truncated?)")
-        return array.reshape(info.shape)
+        path = self.infos[key].path
+        with _open(path) as f:
+            try:
+                return f.get_tensor(key)
+            # AttributeError: a dtype numpy does not have (the library asks numpy for, e.g., float8_e4m3fn).
+            except (SafetensorError, AttributeError) as e:
+                dtype = f.get_slice(key).get_dtype()
+                raise SafetensorsError(f"{path}: tensor {key!r} ({dtype}) cannot be read: {e}") from None
 
 
 _WRITE_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16"}

@@ -3,11 +3,13 @@ real benchmark faces (FFHQ-Ref Moderate 25.2 dB, Severe 19.6 dB, within 1.5 dB).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import ml_collections
 import numpy as np
 import pytest
+import scipy.linalg
 
 from iconface_jax.data import calibrate, degrade
 
@@ -90,3 +92,67 @@ def test_preset_calibration_on_benchmark_faces(preset):
     assert len(images) == 40
     median = float(np.median(calibrate.preset_psnrs(images, preset, seed=0)))
     assert abs(median - calibrate.TARGETS[preset]) <= calibrate.TOLERANCE_DB, median
+
+
+# --- details against the published pipelines (basicsr's Real-ESRGAN degradations, BSRGAN's utils_blindsr) ---
+
+
+def _plateau_beta(k: np.ndarray) -> float:
+    """beta of an isotropic plateau kernel 1 / ((r^2 / sigma^2)^beta + 1), read off its values at radii 1 and 2:
+    k(0) / k(r) - 1 = (r^2 / sigma^2)^beta, so the ratio of the two is 4^beta."""
+    c = k.shape[0] // 2
+    at1, at2 = k[c, c] / k[c, c + 1] - 1, k[c, c] / k[c, c + 2] - 1
+    return math.log(at2 / at1) / math.log(4)
+
+
+def test_realesrgan_plateau_beta_is_exactly_one_half_the_time():
+    """basicsr draws beta from uniform(lo, 1) or uniform(1, hi) with equal odds: with the plateau range (1, 2),
+    half of the plateau kernels have beta = 1 exactly."""
+    stage = dataclasses.replace(degrade.Stage(), sinc_prob=0.0, kernel_probs=(0, 0, 0, 0, 1, 0))
+    assert stage.betap_range == (1.0, 2.0)
+    rng = np.random.default_rng(0)
+    betas = np.array([_plateau_beta(degrade._random_kernel(stage, 1.0, rng)) for _ in range(400)])
+    assert np.all((betas > 1 - 1e-3) & (betas < 2 + 1e-3)), betas.min()
+    exactly_one = np.mean(np.abs(betas - 1) < 1e-3)
+    assert 0.4 < exactly_one < 0.6, exactly_one
+
+
+def test_bsrgan_correlated_noise_has_bsrgans_covariance():
+    """BSRGAN's channel-correlated noise: covariance |L^2 U^T D U| at the fixed L = noise_level2 / 255 (not the drawn
+    level), sampled as BSRGAN samples it; numpy's multivariate_normal is the reference sampler."""
+    noise_range = (2.0, 25.0)
+    level = noise_range[1] / 255
+
+    def draws(seed):  # the generator's draws in `_bsrgan_noise`'s order: level, branch, D, the matrix U is made from
+        rng = np.random.default_rng(seed)
+        return rng.uniform(*noise_range) / 255, rng.random(), rng.random(3), rng.random((3, 3))
+
+    def unsigned(d, a):  # U^T D U before BSRGAN's |.|
+        u = scipy.linalg.orth(a)
+        return u.T @ np.diag(d) @ u
+
+    # A seed in the correlated branch (0.4 <= r <= 0.6) whose drawn level is far below L and whose |.| flips a sign.
+    seed = next(s for s in range(1000) for sigma, r, d, a in [draws(s)]
+                if 0.4 <= r <= 0.6 and sigma < 0.6 * level and unsigned(d, a).min() < -0.1)
+    _, _, d, a = draws(seed)
+    noise = degrade._bsrgan_noise(np.zeros((256, 256, 3), np.float32), noise_range, np.random.default_rng(seed))
+    reference = np.random.default_rng(1).multivariate_normal(
+        np.zeros(3), np.abs(level**2 * unsigned(d, a)), size=256 * 256, check_valid="ignore")
+    np.testing.assert_allclose(np.cov(noise.reshape(-1, 3).T), np.cov(reference.T), atol=0.03 * level**2)
+
+
+@pytest.mark.parametrize("gray", [False, True])
+@pytest.mark.parametrize("values", [256, 3])
+def test_poisson_noise_counts_like_realesrgan(gray, values):
+    """basicsr's Poisson noise: the image rounded to 8 bits (grey: its ITU-R 601 luma, the same noise in every
+    channel) counted at vals = 2^ceil(log2(number of distinct values)) photons, so base + noise = counts / vals."""
+    rng = np.random.default_rng(0)
+    image = rng.choice(np.linspace(0, 255, values).round(), size=(32, 32, 3)).astype(np.float32) / 255
+    base = np.round((image @ np.array([0.299, 0.587, 0.114]))[..., None] * 255) / 255 if gray else image
+    vals = 2 ** math.ceil(math.log2(len(np.unique(np.round(base * 255)))))
+    noise = degrade._poisson_noise(image, 1.0, gray, rng) - image
+    counts = (base + noise) * vals
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-3)
+    assert abs(np.mean(counts) - np.mean(base * vals)) < 0.05 * np.mean(base * vals)  # Poisson: mean = base * vals
+    if gray:
+        np.testing.assert_allclose(noise, np.repeat(noise[..., :1], 3, axis=2), atol=1e-6)  # float32 (x + n) - x

@@ -288,12 +288,12 @@ def test_bare_file_missing_shape_key_is_refused(tmp_path, capsys, tvae):
 
 def test_truncated_and_foreign_files_are_refused(tmp_path, capsys, dirs):
     data = open(os.path.join(dirs["src"], "diffusion_pytorch_model.safetensors"), "rb").read()
-    truncated = str(tmp_path / "truncated.safetensors")
+    truncated = str(tmp_path / "cut.safetensors")  # a name without the word the message must hold
     with open(truncated, "wb") as f:
         f.write(data[:-1000])
     assert convert(truncated, str(tmp_path / "out")) == 1
     err = capsys.readouterr().err
-    assert truncated in err and "truncated" in err, err
+    assert truncated in err and "(truncated?)" in err, err
 
     foreign = str(tmp_path / "notes.safetensors")
     with open(foreign, "w") as f:
@@ -301,7 +301,7 @@ def test_truncated_and_foreign_files_are_refused(tmp_path, capsys, dirs):
     assert convert(foreign, str(tmp_path / "out")) == 1
     err = capsys.readouterr().err
     assert foreign in err and "not a safetensors file" in err, err
-    assert sorted(os.listdir(tmp_path)) == ["notes.safetensors", "truncated.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["cut.safetensors", "notes.safetensors"]
 
 
 def test_existing_destination_is_refused(tmp_path, capsys, dirs):

@@ -12,9 +12,7 @@ Spatial parameters (blur sigmas, kernel sizes, sinc cut-offs) are specified for 
 `gt.jpg` of `../shared/faces`: their median PSNR matches the FFHQ-Ref Moderate (25.2 dB) and Severe
 (19.6 dB) benchmark inputs (see BUILD_NOTES.md for the figures).
 
-Deviations from the reference implementations, all for speed or because a piece is not public:
-the Poisson noise uses a fixed 8-bit photon scale (Real-ESRGAN derives it from the number of
-distinct values, an expensive `unique` that makes the strength depend on the image); BSRGAN's
+Deviations from the reference implementations, because a piece is not public or for speed: BSRGAN's
 camera-ISP noise (a learned model) is replaced by Poisson noise with the same probability; the
 shifted-kernel nearest downsampling omits the half-pixel shift.
 """
@@ -27,8 +25,9 @@ from typing import Any
 
 import cv2
 import numpy as np
-from scipy import special
+from scipy import linalg, special
 
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 grey, as Real-ESRGAN's grey Poisson noise
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
 _MIN_SIDE = 2  # the smallest low-resolution side a chain may reach (severe presets at 64 px)
@@ -207,7 +206,7 @@ def _bsrgan(x: np.ndarray, sf: float, s: float, p: BSRGAN, rng: np.random.Genera
         elif op == 3:
             x = _resize(x, lr, _choice(tuple(RESIZE_MODES), rng))
         elif op == 4:
-            x = _bsrgan_noise(x, rng.uniform(*p.noise_range) / 255.0, rng)
+            x = _bsrgan_noise(x, p.noise_range, rng)
         elif op == 5:
             if rng.random() < p.jpeg_prob:
                 x = _jpeg(x, rng.uniform(*p.jpeg_range))
@@ -276,8 +275,9 @@ def _random_kernel(st: Stage, s: float, rng: np.random.Generator) -> np.ndarray:
     sig_x, sig_y = rng.uniform(*st.blur_sigma), rng.uniform(*st.blur_sigma)
     theta = rng.uniform(-np.pi, np.pi)
     lo, hi = st.betag_range if kind.startswith("generalized") else st.betap_range
-    # Half the betas below 1 and half above, as Real-ESRGAN draws them.
-    beta = rng.uniform(lo, 1.0) if rng.random() < 0.5 and lo < 1.0 else rng.uniform(max(lo, 1.0), hi)
+    # Real-ESRGAN draws beta from [lo, 1) or [1, hi) with equal odds; its plateau range starts at 1, so half of its
+    # plateau kernels have beta exactly 1 (the lower draw is uniform(1, 1)).
+    beta = rng.uniform(lo, 1.0) if rng.random() < 0.5 else rng.uniform(1.0, hi)
     return mixed_kernel(kind, _odd(size * s), max(sig_x * s, 0.05), max(sig_y * s, 0.05), theta, beta)
 
 
@@ -332,23 +332,35 @@ def _gaussian_noise(x: np.ndarray, sigma: float, gray: bool, rng: np.random.Gene
 
 
 def _poisson_noise(x: np.ndarray, scale: float, gray: bool, rng: np.random.Generator) -> np.ndarray:
-    """Shot noise at an 8-bit photon scale, `scale` times stronger (see the module docstring)."""
-    base = np.clip(x.mean(axis=2, keepdims=True) if gray else x, 0.0, 1.0)
-    noise = rng.poisson(base * 255.0).astype(np.float32) / 255.0 - base
+    """Real-ESRGAN's shot noise, `scale` times stronger: counts of the image rounded to 8 bits (its luma when `gray`)
+    at 2^ceil(log2(number of distinct values)) photons per unit, so 256 unless the image has at most 128 values."""
+    levels = np.clip(np.rint((x @ LUMA)[..., None] * 255.0 if gray else x * 255.0), 0, 255).astype(np.uint8)
+    photons = 2.0 ** math.ceil(math.log2(np.count_nonzero(np.bincount(levels.ravel(), minlength=256))))
+    base = levels.astype(np.float32) / 255.0
+    noise = rng.poisson(base * photons).astype(np.float32) / np.float32(photons) - base
     return x + scale * noise
 
 
-def _bsrgan_noise(x: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """BSRGAN `add_Gaussian_noise`: colour (40%), grey (40%) or channel-correlated (20%) noise."""
+def _bsrgan_noise(x: np.ndarray, noise_range: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """BSRGAN `add_Gaussian_noise`: colour (40%) or grey (40%) noise of a level drawn from `noise_range` (8-bit
+    units), or channel-correlated noise (20%) at the top of the range, L = noise_range[1] / 255, whatever was drawn.
+
+    The correlated covariance is BSRGAN's |L^2 U^T D U| (U = `scipy.linalg.orth` of a random matrix, D uniform
+    variances, |.| elementwise). The |.| can leave it indefinite; BSRGAN's sampler (numpy's multivariate_normal,
+    through an SVD) then draws with covariance Q |Lambda| Q^T from its eigendecomposition, as here.
+    """
+    sigma = rng.uniform(*noise_range) / 255.0
     r = rng.random()
     if r > 0.6:
         return _gaussian_noise(x, sigma, False, rng)
     if r < 0.4:
         return _gaussian_noise(x, sigma, True, rng)
-    d = np.diag(np.sqrt(rng.random(3)))
-    u, _ = np.linalg.qr(rng.random((3, 3)))
-    mix = (d @ u).astype(np.float32)  # z @ mix has covariance u^T diag(d^2) u, as BSRGAN's U^T D U
-    return x + sigma * rng.standard_normal(x.shape, dtype=np.float32) @ mix
+    d = rng.random(3)
+    u = linalg.orth(rng.random((3, 3)))
+    cov = np.abs((noise_range[1] / 255.0) ** 2 * (u.T * d) @ u)
+    eigenvalues, q = np.linalg.eigh(cov)
+    mix = (q * np.sqrt(np.abs(eigenvalues))).T.astype(np.float32)  # z @ mix has covariance q |eigenvalues| q^T
+    return x + rng.standard_normal(x.shape, dtype=np.float32) @ mix
 
 
 def _jpeg(x: np.ndarray, quality: float) -> np.ndarray:
