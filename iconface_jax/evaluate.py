@@ -152,12 +152,10 @@ def identity_embedders(system: FaceSystem, adaface_dir: str,
     """{recogniser: images (N, S, S, 3) in [-1, 1] -> features (N, 512)}: "adaface" (a converted AdaFace, or
     the run's encoder) and, when `arcface_dir` names a converted IResNet, "arcface" (raw features)."""
     if adaface_dir:
-        model = adaface.load(adaface_dir)
-        run = nnx.jit(lambda m, x: adaface.embed_faces(m, x)[0])
-        embedders = {"adaface": lambda images: np.asarray(run(model, jnp.asarray(images)))}
+        model, run = adaface.load(adaface_dir), nnx.jit(lambda m, x: adaface.embed_faces(m, x)[0])
     else:
-        run_system = nnx.jit(lambda s, x: s.embed(x))
-        embedders = {"adaface": lambda images: np.asarray(run_system(system, jnp.asarray(images)))}
+        model, run = system, nnx.jit(lambda s, x: s.embed(x))
+    embedders = {"adaface": lambda images: np.asarray(run(model, jnp.asarray(images)))}
     if arcface_dir:
         arc_model, run_arc = arcface.load(arcface_dir), nnx.jit(arcface.embed_faces)
         embedders["arcface"] = lambda images: np.asarray(run_arc(arc_model, jnp.asarray(images)))
