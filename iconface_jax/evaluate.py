@@ -1,7 +1,8 @@
 """Benchmark evaluation: restore every row of a CSV and score it as the paper does.
 
     python -m iconface_jax.evaluate --checkpoint WORKDIR --csv test_references.csv --image-dir IMAGES \\
-        [--lq-dir LQ] [--refs 0|1|2|3] [--output-dir OUT] [--adaface weights/adaface-ir50]
+        [--lq-dir LQ] [--refs 0|1|2|3] [--output-dir OUT] [--adaface weights/adaface-ir50] \\
+        [--arcface weights/arcface-r50] [--ssim-channels y|rgb]
     python -m iconface_jax.evaluate --checkpoint runs/demo --synthetic 48 [--refs 1]   # the CPU demo's check
 
 The CSV has FFHQ-Ref's columns: `gt_image`, optional `lq_image`, `ref_image` (a Python list literal of
@@ -15,9 +16,12 @@ metrics always use the row's first reference (the paper's Ref_1).
 Metrics, all at the model's resolution (`config.data.resolution`), on the restored image and, as a
 baseline, on the degraded input: Ref-AdaFace and GT-AdaFace (cosine of AdaFace embeddings to the first
 reference's and to the ground truth's; the run's own face encoder unless `--adaface` names a converted
-AdaFace IR-50), PSNR and SSIM (`iconface_jax.metrics`: RGB, PSNR capped at 100 dB), and MUSIQ,
-CLIP-IQA, MANIQA through pyiqa when it is installed and its weights are present (else left empty,
-with a message). The paper's Ref-ArcFace needs an ArcFace model this project does not have.
+AdaFace IR-50), Ref-ArcFace and GT-ArcFace (the same with the raw features of an ArcFace IResNet
+converted by `convert.arcface`, when `--arcface` names one), PSNR and SSIM as pyiqa's default `psnr`
+and `ssim` compute them (`iconface_jax.metrics`: SSIM on luma; `--ssim-channels rgb` for pyiqa's
+per-channel `ssimc`), and MUSIQ, CLIP-IQA, MANIQA through pyiqa when it is installed and its weights
+are present (else left empty, with a message). Both recognisers read the identity crop of ReF-LDM's
+identity metric (rows and columns 6.25%-93.75%, area-resized to 112).
 
 Writes into OUT: `per_image.csv` (one row per image, appended as it goes: a rerun resumes where it
 stopped and refuses other settings; an unreadable image stops the run naming the file), `restored/`
@@ -49,20 +53,22 @@ from tqdm import tqdm
 
 from iconface_jax import metrics, restore
 from iconface_jax.data import degrade, sources, synthetic
-from iconface_jax.models import adaface
+from iconface_jax.models import adaface, arcface
 from iconface_jax.system import FaceSystem
 
 SETTINGS_FILE = "settings.json"
 PER_IMAGE_FILE = "per_image.csv"
-METRICS = ("ref_adaface", "gt_adaface", "psnr", "ssim", "musiq", "clipiqa", "maniqa")
+METRICS = ("ref_arcface", "ref_adaface", "gt_arcface", "gt_adaface", "psnr", "ssim", "musiq", "clipiqa", "maniqa")
 COLUMNS = (["index", "dataset", "gt_image", "lq_image", "ref1_image", "refs_used", "degradation", "restored",
             "seconds"]
            + list(METRICS) + [f"lq_{m}" for m in METRICS])
 # Column headers of the summary (the paper's names) and their decimals.
-LABELS = {"ref_adaface": ("Ref-AdaFace", 3), "gt_adaface": ("GT-AdaFace", 3), "psnr": ("PSNR", 2),
-          "ssim": ("SSIM", 4), "musiq": ("MUSIQ", 3), "clipiqa": ("CLIP-IQA", 3), "maniqa": ("MANIQA", 3)}
-TABLE1 = ("ref_adaface", "gt_adaface", "psnr", "ssim", "musiq", "clipiqa", "maniqa")  # reference-aware
-TABLE2 = ("musiq", "clipiqa", "maniqa", "psnr", "ssim", "gt_adaface")  # no-reference
+LABELS = {"ref_arcface": ("Ref-ArcFace", 3), "ref_adaface": ("Ref-AdaFace", 3), "gt_arcface": ("GT-ArcFace", 3),
+          "gt_adaface": ("GT-AdaFace", 3), "psnr": ("PSNR", 2), "ssim": ("SSIM", 4), "musiq": ("MUSIQ", 3),
+          "clipiqa": ("CLIP-IQA", 3), "maniqa": ("MANIQA", 3)}
+# Reference-aware: the paper's Table 1 columns first, then the supplement's GT identity and structure checks.
+TABLE1 = ("ref_arcface", "ref_adaface", "musiq", "clipiqa", "maniqa", "gt_arcface", "gt_adaface", "psnr", "ssim")
+TABLE2 = ("musiq", "clipiqa", "maniqa", "psnr", "ssim", "gt_arcface", "gt_adaface")  # no-reference
 SHEET_TILE = 192
 
 
@@ -142,27 +148,34 @@ def degradation_for(cfg: ml_collections.ConfigDict,
     return apply
 
 
-def identity_embedder(system: FaceSystem, adaface_dir: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Images (N, S, S, 3) in [-1, 1] -> AdaFace features (N, 512): a converted AdaFace, or the run's encoder."""
+def identity_embedders(system: FaceSystem, adaface_dir: str,
+                        arcface_dir: str) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """{recogniser: images (N, S, S, 3) in [-1, 1] -> features (N, 512)}: "adaface" (a converted AdaFace, or
+    the run's encoder) and, when `arcface_dir` names a converted IResNet, "arcface" (raw features)."""
     if adaface_dir:
-        model = adaface.load(adaface_dir)
-        run = nnx.jit(lambda m, x: adaface.embed_faces(m, x)[0])
-        return lambda images: np.asarray(run(model, jnp.asarray(images)))
-    run = nnx.jit(lambda s, x: s.embed(x))
-    return lambda images: np.asarray(run(system, jnp.asarray(images)))
+        model, run = adaface.load(adaface_dir), nnx.jit(lambda m, x: adaface.embed_faces(m, x)[0])
+    else:
+        model, run = system, nnx.jit(lambda s, x: s.embed(x))
+    embedders = {"adaface": lambda images: np.asarray(run(model, jnp.asarray(images)))}
+    if arcface_dir:
+        arc_model, run_arc = arcface.load(arcface_dir), nnx.jit(arcface.embed_faces)
+        embedders["arcface"] = lambda images: np.asarray(run_arc(arc_model, jnp.asarray(images)))
+    return embedders
 
 
-def score(image: np.ndarray, gt: np.ndarray | None, features: dict[str, np.ndarray | None],
-          iqa: dict[str, Callable[[np.ndarray], float]], key: str) -> dict[str, float]:
-    """Metrics of one uint8 image whose AdaFace features are `features[key]` (the restored image or the
-    input); metrics whose reference image is absent give no entry."""
+def score(image: np.ndarray, gt: np.ndarray | None, features: dict[str, dict[str, np.ndarray | None]],
+          iqa: dict[str, Callable[[np.ndarray], float]], key: str, ssim_channels: str) -> dict[str, float]:
+    """Metrics of one uint8 image whose features by recogniser are `features[recogniser][key]` (the restored
+    image or the input); metrics whose reference image is absent give no entry."""
     out = {}
-    if features["ref1"] is not None:
-        out["ref_adaface"] = float(metrics.cosine(features[key], features["ref1"]))
+    for recogniser, feats in features.items():
+        if feats["ref1"] is not None:
+            out[f"ref_{recogniser}"] = float(metrics.cosine(feats[key], feats["ref1"]))
+        if gt is not None:
+            out[f"gt_{recogniser}"] = float(metrics.cosine(feats[key], feats["gt"]))
     if gt is not None:
-        out["gt_adaface"] = float(metrics.cosine(features[key], features["gt"]))
         out["psnr"] = metrics.psnr(image, gt)
-        out["ssim"] = metrics.ssim(image, gt)
+        out["ssim"] = metrics.ssim(image, gt, channels=ssim_channels)
     for label, fn in iqa.items():
         out[metrics.IQA_METRICS[label]] = fn(image)  # the column is pyiqa's name
     return out
@@ -218,7 +231,8 @@ def summary(rows: list[dict[str, str]], method: str, refs: int) -> tuple[str, li
             table.append(f"| {name} | {dataset} | {' | '.join(cells)} |")
             records.append(record)
     text = "\n".join(table) + "\n"
-    text += f"\n{len(rows)} images; references given: {refs}; – : not available (no pyiqa, no GT or no reference).\n"
+    text += (f"\n{len(rows)} images; references given: {refs}; – : not available (no pyiqa, no --arcface, "
+             "no GT or no reference).\n")
     if notes:
         text += "".join(f"- {n}\n" for n in notes)
     return text, records
@@ -246,17 +260,18 @@ def contact_sheet(rows: list[dict[str, str]], out_dir: str, size: int, count: in
 
 @dataclasses.dataclass
 class Evaluator:
-    """What scoring one row needs: the jitted restoration and embedding, the IQA metrics and the settings."""
+    """What scoring one row needs: the jitted restoration and embeddings, the IQA metrics and the settings."""
 
     system: FaceSystem
     size: int
     refs: int
     out_dir: str
     restore: Callable
-    embed: Callable[[np.ndarray], np.ndarray]
+    embedders: dict[str, Callable[[np.ndarray], np.ndarray]]
     iqa: dict[str, Callable[[np.ndarray], float]]
     synthesise: Callable[[np.ndarray, int], tuple[np.ndarray, str]]
     key: jax.Array
+    ssim_channels: str
 
     def __call__(self, row: Row) -> dict[str, str]:
         """Restores one row, saves the result, and returns its per-image CSV record (formatted strings)."""
@@ -276,12 +291,13 @@ class Evaluator:
         Image.fromarray(restored).save(os.path.join(self.out_dir, "restored", name))
 
         ref1 = read_uint8(row.refs[0], size) if row.refs else None
-        # One embedding call of fixed shape (absent images as blanks, their features dropped).
+        # One embedding call of fixed shape per recogniser (absent images as blanks, their features dropped).
         images = {"restored": restored, "lq": lq, "gt": gt, "ref1": ref1}
-        embedded = self.embed(np.stack([to_model(x if x is not None else np.zeros_like(lq)) for x in images.values()]))
-        feats = {k: (e if images[k] is not None else None) for k, e in zip(images, embedded)}
-        values = score(restored, gt, feats, self.iqa, "restored")
-        values.update({f"lq_{k}": v for k, v in score(lq, gt, feats, self.iqa, "lq").items()})
+        batch = np.stack([to_model(x if x is not None else np.zeros_like(lq)) for x in images.values()])
+        feats = {name: {k: (e if images[k] is not None else None) for k, e in zip(images, embed(batch))}
+                 for name, embed in self.embedders.items()}
+        values = score(restored, gt, feats, self.iqa, "restored", self.ssim_channels)
+        values.update({f"lq_{k}": v for k, v in score(lq, gt, feats, self.iqa, "lq", self.ssim_channels).items()})
         record = {"index": row.index, "dataset": row.dataset, "gt_image": row.gt or "", "lq_image": lq_path,
                   "ref1_image": row.refs[0] if row.refs else "", "refs_used": len(used), "degradation": how,
                   "restored": name, "seconds": f"{time.perf_counter() - start:.2f}"}
@@ -304,7 +320,8 @@ def evaluate(args: argparse.Namespace) -> int:
     check_settings(out_dir, {"checkpoint": os.path.abspath(args.checkpoint), "step": step,
                              "csv": os.path.abspath(args.csv), "refs": args.refs, "steps": args.steps,
                              "guidance": args.guidance, "seed": args.seed, "degradation": args.degradation,
-                             "adaface": args.adaface, "ema": not args.no_ema, "resolution": size})
+                             "adaface": args.adaface, "arcface": args.arcface, "ssim_channels": args.ssim_channels,
+                             "ema": not args.no_ema, "resolution": size})
     per_image = os.path.join(out_dir, PER_IMAGE_FILE)
     done = read_done(per_image)
     todo = [r for r in rows if r.index not in done]
@@ -319,8 +336,8 @@ def evaluate(args: argparse.Namespace) -> int:
               "(pass --adaface with a converted AdaFace IR-50)", file=sys.stderr)
     evaluator = Evaluator(system, size, args.refs, out_dir,
                           nnx.jit(partial(restore.restore, steps=args.steps, guidance=args.guidance)),
-                          identity_embedder(system, args.adaface), iqa, degradation_for(cfg, args.degradation),
-                          jax.random.PRNGKey(args.seed))
+                          identity_embedders(system, args.adaface, args.arcface), iqa,
+                          degradation_for(cfg, args.degradation), jax.random.PRNGKey(args.seed), args.ssim_channels)
 
     new_file = not os.path.isfile(per_image)
     with open(per_image, "a", newline="") as f:
@@ -408,7 +425,7 @@ def evaluate_synthetic(args: argparse.Namespace) -> int:
 
     per_image, records = [], []
     for name, images in methods.items():
-        scores = [{"psnr": metrics.psnr(x, gt), "ssim": metrics.ssim(x, gt), "trait_mse": trait_mse(x, gt, m)}
+        scores = [{"psnr": metrics.psnr(x, gt), "ssim": metrics.ssim(x, gt, channels=args.ssim_channels), "trait_mse": trait_mse(x, gt, m)}
                   for x, gt, m in zip(images, cases["gt"], cases["traits"])]
         per_image += [{"method": name, "index": i, **{k: f"{v:.6f}" for k, v in sc.items()}}
                       for i, sc in enumerate(scores)]
@@ -439,7 +456,8 @@ def evaluate_synthetic(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
-    p = argparse.ArgumentParser(description="Evaluate IConFace on a benchmark CSV (Ref/GT-AdaFace, PSNR, SSIM, IQA).")
+    p = argparse.ArgumentParser(description="Evaluate IConFace on a benchmark CSV (Ref/GT-ArcFace and -AdaFace, "
+                                            "PSNR, SSIM, IQA).")
     p.add_argument("--checkpoint", required=True, help="training workdir (config.json + checkpoints/)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", help="CSV with gt_image, optional lq_image, ref_image (list literal)")
@@ -458,6 +476,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--degradation", default="", help="preset for rows without lq_image (default: the config's mix)")
     p.add_argument("--adaface", default="", help="converted AdaFace directory for the identity metrics "
                                                  "(default: the run's face encoder)")
+    p.add_argument("--arcface", default="", help="converted ArcFace IResNet directory (python -m convert.arcface) "
+                                                 "for the Ref-ArcFace and GT-ArcFace columns (default: left empty)")
+    p.add_argument("--ssim-channels", choices=metrics.SSIM_CHANNELS, default="y",
+                   help="SSIM on luma as pyiqa's default `ssim` (y), or per RGB channel as its `ssimc` (rgb)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=42)

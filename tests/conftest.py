@@ -1,4 +1,5 @@
-"""Shared test helpers: the relative-error metric and the location of ../shared."""
+"""Shared test helpers: the relative-error metric, the location of ../shared, trainer runs, and the face
+recognisers' golden-weight recipe and official state dicts."""
 from __future__ import annotations
 
 import json
@@ -86,3 +87,62 @@ def toy_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy_run")
     run_train(path, "--config.train.steps=6", "--config.log.checkpoint_every=100")
     return path
+
+
+# --- face recognisers (tests/test_adaface.py, tests/test_arcface.py) ---
+
+
+class CustomObject:
+    """A class a weights-only unpickler must refuse."""
+
+    def __init__(self):
+        self.note = "not a tensor"
+
+
+def golden_value(i: int, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Entry number `i` of a golden state dict by the ../shared/golden/README.md recipe."""
+    rng = np.random.default_rng(i)
+    if kind == "conv":
+        v = rng.standard_normal(shape) * np.sqrt(0.5 / (shape[1] * shape[2] * shape[3]))
+    elif kind == "linear_w":
+        v = rng.standard_normal(shape) * np.sqrt(1 / shape[1])
+    elif kind == "linear_b":
+        v = 0.01 * rng.standard_normal(shape)
+    elif kind == "bn_weight":
+        v = 1 + 0.1 * rng.standard_normal(shape)
+    elif kind in ("bn_bias", "bn_mean"):
+        v = 0.1 * rng.standard_normal(shape)
+    elif kind == "bn_var":
+        v = rng.uniform(0.5, 1.5, shape)
+    elif kind == "prelu":
+        v = 0.25 + 0.05 * rng.standard_normal(shape)
+    elif kind == "bn_count":
+        return np.zeros(shape, np.int64)
+    else:
+        raise AssertionError(kind)
+    return v.astype(np.float32)
+
+
+def golden_state(keys: list[dict]) -> dict:
+    """The official state dict (torch tensors) that a golden `*_keys.json` list and the recipe describe."""
+    import torch
+
+    return {e["key"]: torch.from_numpy(golden_value(i, e["kind"], tuple(e["shape"]))) for i, e in enumerate(keys)}
+
+
+def state_from_plan(plan: dict, fill: float | None = None) -> dict:
+    """An official-layout state dict (torch tensors, with `num_batches_tracked`) with the keys and shapes of a
+    converter's `official_plan`. `fill=None`: random values; `fill=x`: every tensor a zero-stride view of one
+    float (tiny on disk)."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    state = {}
+    for key, shape, _ in plan.values():
+        if fill is None:
+            state[key] = torch.from_numpy((0.05 * rng.standard_normal(shape)).astype(np.float32))
+        else:
+            state[key] = torch.full((1,) * len(shape), float(fill)).expand(shape)
+        if key.endswith(".running_var"):
+            state[key.replace(".running_var", ".num_batches_tracked")] = torch.tensor(7)
+    return state

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import CustomObject, golden_state, state_from_plan
 from convert import adaface as convert_adaface
 from iconface_jax import weights
-from iconface_jax.models import adaface
+from iconface_jax.models import adaface, recognition
 
 torch = pytest.importorskip("torch")
 
@@ -25,53 +26,9 @@ SPLITS = ("supp_ref_ffhq_moderate", "supp_ref_ffhq_severe", "supp_ref_celeba_tes
 STAGES = ("input_layer", "stage1", "stage2", "stage3", "stage4")
 
 
-class CustomObject:
-    """A class a weights-only unpickler must refuse."""
-
-    def __init__(self):
-        self.note = "not a tensor"
-
-
-def _golden_value(i: int, kind: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The golden/README.md recipe for entry number `i`."""
-    rng = np.random.default_rng(i)
-    if kind == "conv":
-        v = rng.standard_normal(shape) * np.sqrt(0.5 / (shape[1] * shape[2] * shape[3]))
-    elif kind == "linear_w":
-        v = rng.standard_normal(shape) * np.sqrt(1 / shape[1])
-    elif kind == "linear_b":
-        v = 0.01 * rng.standard_normal(shape)
-    elif kind == "bn_weight":
-        v = 1 + 0.1 * rng.standard_normal(shape)
-    elif kind in ("bn_bias", "bn_mean"):
-        v = 0.1 * rng.standard_normal(shape)
-    elif kind == "bn_var":
-        v = rng.uniform(0.5, 1.5, shape)
-    elif kind == "prelu":
-        v = 0.25 + 0.05 * rng.standard_normal(shape)
-    elif kind == "bn_count":
-        return np.zeros(shape, np.int64)
-    else:
-        raise AssertionError(kind)
-    return v.astype(np.float32)
-
-
 def _official_state(arch: str, fill=None) -> dict:
-    """An official-layout state dict (torch tensors, with `num_batches_tracked`) for `arch`.
-
-    `fill=None`: random values; `fill=x`: every tensor a zero-stride view of one float (tiny on disk).
-    """
-    plan = convert_adaface.official_plan(adaface.AdaFaceConfig.from_arch(arch))
-    rng = np.random.default_rng(1)
-    state = {}
-    for key, shape, _ in plan.values():
-        if fill is None:
-            state[key] = torch.from_numpy((0.05 * rng.standard_normal(shape)).astype(np.float32))
-        else:
-            state[key] = torch.full((1,) * len(shape), float(fill)).expand(shape)
-        if key.endswith(".running_var"):
-            state[key.replace(".running_var", ".num_batches_tracked")] = torch.tensor(7)
-    return state
+    """An official-layout state dict of `arch` (conftest.state_from_plan)."""
+    return state_from_plan(convert_adaface.official_plan(adaface.AdaFaceConfig.from_arch(arch)), fill)
 
 
 def _lightning(state: dict, **extra) -> dict:
@@ -99,7 +56,7 @@ def golden():
 def ir50_dir(golden, tmp_path_factory):
     """The golden-recipe IR-50 as an official Lightning checkpoint, converted with the CLI."""
     keys, _ = golden
-    state = {e["key"]: torch.from_numpy(_golden_value(i, e["kind"], tuple(e["shape"]))) for i, e in enumerate(keys)}
+    state = golden_state(keys)
     tmp = tmp_path_factory.mktemp("adaface")
     ckpt = tmp / "adaface_ir50_ms1mv2.ckpt"
     torch.save(_lightning(state, hyper_parameters={"arch": "ir_50", "lr": 0.1}), ckpt)
@@ -301,10 +258,10 @@ def test_load_rejects_other_family(tmp_path):
 def test_identity_crop_matches_opencv_area(size):
     cv2 = pytest.importorskip("cv2")
     img = np.random.default_rng(size).uniform(-1, 1, (size, size, 3)).astype(np.float32)
-    lo, hi = adaface.crop_bounds(size)
+    lo, hi = recognition.crop_bounds(size)
     assert (lo, hi) == {512: (32, 480), 1024: (64, 960), 300: (19, 281), 100: (6, 94)}[size]
     expected = cv2.resize(img[lo:hi, lo:hi], (112, 112), interpolation=cv2.INTER_AREA)
-    ours = np.asarray(adaface.identity_crop(jnp.asarray(img[None])))[0]
+    ours = np.asarray(recognition.identity_crop(jnp.asarray(img[None])))[0]
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
     if size == 512:  # exact 4x4 mean pool
         np.testing.assert_allclose(ours, img[32:480, 32:480].reshape(112, 4, 112, 4, 3).mean((1, 3)), atol=1e-6)

@@ -1,4 +1,4 @@
-"""Evaluation: PSNR/SSIM definitions, pyiqa's offline guard, and the CLI end to end on ../shared/faces."""
+"""Evaluation: pyiqa's offline guard, and the CLI end to end on ../shared/faces (PSNR/SSIM: test_metrics.py)."""
 from __future__ import annotations
 
 import csv
@@ -10,41 +10,10 @@ import types
 import numpy as np
 import pytest
 from flax import nnx
-from scipy import signal
 
 from iconface_jax import evaluate, metrics, weights
 from iconface_jax.data import synthetic
-from iconface_jax.models import adaface
-
-
-def naive_ssim(x: np.ndarray, y: np.ndarray) -> float:
-    """SSIM of one channel written out with scipy's valid-region correlation (an independent check)."""
-    ax = np.arange(11) - 5
-    g = np.exp(-(ax**2) / (2 * 1.5**2))
-    w = np.outer(g, g) / np.outer(g, g).sum()
-    f = lambda z: signal.correlate2d(z, w, mode="valid")  # noqa: E731
-    x, y = x.astype(np.float64), y.astype(np.float64)
-    mx, my = f(x), f(y)
-    vx, vy, cxy = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
-
-
-def test_psnr_and_ssim():
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
-    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
-    assert metrics.psnr(a, a) == metrics.PSNR_CAP_DB == 100.0
-    assert metrics.psnr(a, np.clip(a.astype(int) + 1, 0, 255).astype(np.uint8)) > 48.0  # mse <= 1: >= 48.13 dB
-    flat = np.full((16, 16, 3), 100, np.uint8)
-    assert metrics.psnr(flat, flat + 1) == pytest.approx(10 * np.log10(255.0**2))
-    assert metrics.ssim(a, a) == pytest.approx(1.0)
-    want = np.mean([naive_ssim(a[..., c], b[..., c]) for c in range(3)])
-    assert metrics.ssim(a, b) == pytest.approx(want, abs=1e-9)
-    assert metrics.ssim(a, b) == pytest.approx(metrics.ssim(b, a))
-    with pytest.raises(ValueError, match="shape"):
-        metrics.ssim(a, b[:-1])
-    assert metrics.cosine(np.ones(4), 2 * np.ones(4)) == pytest.approx(1.0)
+from iconface_jax.models import adaface, arcface
 
 
 def test_iqa_without_pyiqa_says_so(monkeypatch):
@@ -107,10 +76,11 @@ def test_evaluate_end_to_end(toy_run, faces_csv, tmp_path, capsys):
             assert np.isfinite(float(r[m])) and np.isfinite(float(r["lq_" + m])), (m, r)
         assert r["musiq"] == "" and int(r["refs_used"]) == 1
         assert (out / "restored" / r["restored"]).is_file()
-    assert float(rows[3]["lq_psnr"]) == metrics.PSNR_CAP_DB and float(rows[3]["lq_ssim"]) == pytest.approx(1.0)
+    assert float(rows[3]["lq_psnr"]) == pytest.approx(80.0) and float(rows[3]["lq_ssim"]) == pytest.approx(1.0)
     assert float(rows[3]["lq_gt_adaface"]) == pytest.approx(1.0, abs=1e-5)
     summary = (out / "summary.md").read_text()
-    assert "| Method | Dataset | Ref-AdaFace ↑ | GT-AdaFace ↑ | PSNR ↑ | SSIM ↑ | MUSIQ ↑" in summary
+    assert ("| Method | Dataset | Ref-ArcFace ↑ | Ref-AdaFace ↑ | MUSIQ ↑ | CLIP-IQA ↑ | MANIQA ↑ | GT-ArcFace ↑ | "
+            "GT-AdaFace ↑ | PSNR ↑ | SSIM ↑ |") in summary
     for dataset in ("FFHQ-Ref Moderate", "CelebA-Test-Ref", "rows"):  # rows without a dataset: the CSV's name
         assert f"| IConFace (step 6) | {dataset} |" in summary and f"| Input (LQ) | {dataset} |" in summary
     assert (out / "summary.csv").is_file() and (out / "contact_sheet.png").stat().st_size > 0
@@ -124,17 +94,23 @@ def test_evaluate_end_to_end(toy_run, faces_csv, tmp_path, capsys):
     assert evaluate.main([*args[:-3], "--steps", "3", "--output-dir", str(out), "--no-iqa"]) == 1
     assert "other settings" in capsys.readouterr().err
 
-    # --adaface: identity metrics from a converted AdaFace directory instead of the run's encoder.
-    config = adaface.AdaFaceConfig(units=(1, 1, 1, 1), channels=(8, 8, 16, 16))
-    model = adaface.AdaFace(config, rngs=nnx.Rngs(3))
-    params = {k: np.asarray(v.get_value()) for k, v in weights.base_params(model).items()}
-    weights.save(str(tmp_path / "adaface"), adaface.FAMILY, dataclasses.asdict(config), params)
+    # --adaface: identity metrics from a converted AdaFace directory instead of the run's encoder;
+    # --arcface: the ArcFace columns from a converted IResNet (both tiny random networks here).
+    for config_cls, model_cls, family in ((adaface.AdaFaceConfig, adaface.AdaFace, adaface.FAMILY),
+                                         (arcface.ArcFaceConfig, arcface.ArcFace, arcface.FAMILY)):
+        config = config_cls(units=(1, 1, 1, 1), channels=(8, 8, 16, 16))
+        model = model_cls(config, rngs=nnx.Rngs(3))
+        params = {k: np.asarray(v.get_value()) for k, v in weights.base_params(model).items()}
+        weights.save(str(tmp_path / family), family, dataclasses.asdict(config), params)
     assert evaluate.main([*args[:-3], "--output-dir", str(tmp_path / "eval2"), "--no-iqa", "--limit", "1",
-                          "--adaface", str(tmp_path / "adaface")]) == 0
+                          "--adaface", str(tmp_path / "adaface"), "--arcface", str(tmp_path / "arcface")]) == 0
     assert "randomly initialised" not in capsys.readouterr().err
     with open(tmp_path / "eval2" / "per_image.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert np.isfinite(float(row["ref_adaface"])) and row["ref_adaface"] != rows[0]["ref_adaface"]
+    assert rows[0]["ref_arcface"] == "" and np.isfinite(float(row["ref_arcface"]))
+    assert np.isfinite(float(row["lq_gt_arcface"])) and row["ref_arcface"] != row["ref_adaface"]
+    assert "| IConFace (step 6) | FFHQ-Ref Moderate | 0." in (tmp_path / "eval2" / "summary.md").read_text()
 
 
 def test_bad_rows_name_row_and_file(tmp_path, capsys):
