@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.train_base = True
     c.model.iconface = ml_collections.ConfigDict(dict(
         variant="full", memory_tokens=16, memory_dim=32, pool_heads=2, xattn_rank=16, xattn_heads=2,
-        residual_rank=8, reference_cache=False, prediction="clean"))
+        residual_rank=192, reference_cache=False, prediction="clean"))
     c.model.autoencoder = ml_collections.ConfigDict(dict(kind="patchify", factor=8, weights="", remat_decoder=False))
     c.model.face_encoder = ml_collections.ConfigDict(dict(
         weights="", units=(1, 1, 1, 1), channels=(8, 8, 16, 16)))
@@ -49,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=8, steps=600, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
         ema_decay=0.0, lambda_id=0.05, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
         sigma_law="logit_normal", sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0,
-        sigma_unshifted_fraction=0.0, term_grad_norms=True, max_nonfinite=5,
+        sigma_unshifted_fraction=0.0, term_grad_norms=False, max_nonfinite=5,
         stop_at=0))  # stop_at: leave (with a checkpoint) after this step, for staged runs; 0: run to `steps`
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
     c.log = ml_collections.ConfigDict(dict(every=25, checkpoint_every=200, keep=2, sample_every=300,

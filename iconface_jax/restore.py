@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"restoring {len(jobs)} image(s) with the step-{step} model of {args.checkpoint}", file=sys.stderr)
+    if cfg.data.source == "synthetic":
+        print("note: this model was trained on synthetic faces (the CPU demo): it shows the pipeline learning, "
+              "it is not a restorer for photographs", file=sys.stderr)
     size = cfg.data.resolution
     # One image: a bar over its sampling steps; many: a bar over the images.
     step_bar = tqdm(total=args.steps, unit="step", file=sys.stderr) if len(jobs) == 1 else None

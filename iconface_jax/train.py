@@ -123,10 +123,11 @@ def train_step(state, rest, batch, *, graphdef, tx, t):
     if t.term_grad_norms and identity_loss_active(batch, t):
         fm, ident = (pullback(w)[0] for w in jnp.diag(weights))
         grads = jax.tree.map(jnp.add, fm, ident)
-        metrics.update(grad_norm_fm=optax.global_norm(fm), grad_norm_id=optax.global_norm(ident))
+        metrics.update(grad_norm_fm=optax.tree.norm(fm), grad_norm_id=optax.tree.norm(ident))
     else:
         grads = pullback(weights)[0]
-        metrics.update(grad_norm_fm=optax.global_norm(grads), grad_norm_id=jnp.zeros((), jnp.float32))
+        if t.term_grad_norms:  # no identity loss in this step: the whole gradient is L_fm's
+            metrics.update(grad_norm_fm=optax.tree.norm(grads), grad_norm_id=jnp.zeros((), jnp.float32))
     finite = jnp.isfinite(metrics["loss"]) & jnp.all(
         jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -137,7 +138,7 @@ def train_step(state, rest, batch, *, graphdef, tx, t):
     if "ema" in state:
         decay = t.ema_decay
         new["ema"] = keep(jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params), state["ema"])
-    return new, dict(metrics, finite=finite, grad_norm=optax.global_norm(grads))
+    return new, dict(metrics, finite=finite, grad_norm=optax.tree.norm(grads))
 
 
 def sample_grid(system, preview, key, log_cfg) -> np.ndarray:
@@ -282,15 +283,16 @@ def write_row(row: dict, steps: int, writer, metrics_file) -> None:
     """Prints one log row; the chief (which holds `writer` and `metrics_file`) also writes it to
     metrics.jsonl and TensorBoard."""
     prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
+    grads = f"  |grad| fm {row['grad_norm_fm']:.3g} id {row['grad_norm_id']:.3g}" if "grad_norm_id" in row else ""
     print(f"{prefix}step {row['step']}/{steps}  loss {row['loss']:.4f} (fm {row['loss_fm']:.4f}, id "
-          f"{row['loss_id']:.4f})  |grad| fm {row['grad_norm_fm']:.3g} id {row['grad_norm_id']:.3g}  "
-          f"{row['samples_s']:.1f} samples/s  MFU {row['mfu']:.3f}  "
+          f"{row['loss_id']:.4f}){grads}  {row['samples_s']:.1f} samples/s  MFU {row['mfu']:.3f}  "
           f"ETA {row['eta_min']:.1f} min", flush=True)
     if metrics_file is not None:
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
         for k in ("loss", "loss_fm", "loss_id", "grad_norm", "grad_norm_fm", "grad_norm_id", "samples_s", "mfu"):
-            writer.add_scalar(f"train/{k}", row[k], row["step"])
+            if k in row:
+                writer.add_scalar(f"train/{k}", row[k], row["step"])
 
 
 def _tokens_per_image(system: face_system.FaceSystem, hw: tuple[int, int]) -> int:

@@ -72,7 +72,7 @@ def load_transformer(path):
 
 @pytest.mark.parametrize("variant, cached, options", [(v, False, {}) for v in sorted(iconface.VARIANTS)]
                          + [("full", True, {}), ("concat", True, {}), ("full", False, {"memory_readers": "scene"}),
-                            ("full", True, {"memory_readers": "scene"}), ("full", False, {"prediction": "clean"})])
+                            ("full", True, {"memory_readers": "scene"}), ("full", False, {"prediction": "velocity"})])
 def test_export_matches_jax_through_peft(variant, cached, options, tmp_path):
     """PyTorch (diffusers + peft; the reference cache as diffusers' KV extract pass) equals JAX."""
     cfg = demo_config(variant)
@@ -94,7 +94,7 @@ def test_export_matches_jax_through_peft(variant, cached, options, tmp_path):
     np.testing.assert_array_equal(side.prompt_embeds.numpy(), np.asarray(system.prompt[...]))
     if cached:  # the cache mode is really on, on both sides
         cfg.model.iconface.reference_cache = False
-        assert rel_err(jax_velocity(trained_like(face_system.build(cfg)), x), want) > 1e-3
+        assert rel_err(jax_velocity(trained_like(face_system.build(cfg)), x), want) > 1e-4  # equal would be ~1e-7
 
 
 def test_side_file_schema(tmp_path):

@@ -21,10 +21,11 @@ def face(path, size, seed):
     return str(path)
 
 
-def test_single_image_with_and_without_references(workdir, tmp_path):
+def test_single_image_with_and_without_references(workdir, tmp_path, capsys):
     deg, ref = face(tmp_path / "deg.png", 40, 0), face(tmp_path / "ref.jpg", 96, 1)
     base = ["--checkpoint", str(workdir), "--input", deg, "--steps", "2"]
     assert restore.main(base + ["--ref", ref, "--output", str(tmp_path / "with.png")]) == 0
+    assert "trained on synthetic faces" in capsys.readouterr().err  # the toy run's source: said once, plainly
     assert restore.main(base + ["--output", str(tmp_path / "without.png")]) == 0
     assert restore.main(base + ["--output", str(tmp_path / "again.png")]) == 0
     with_refs, without = (np.asarray(Image.open(tmp_path / n)) for n in ("with.png", "without.png"))
