@@ -9,9 +9,10 @@ import ml_collections
 from iconface_jax.data import pipeline
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "full") -> ml_collections.ConfigDict:
+    """The demo; `configs/demo.py:<variant>` selects a Table 3 row (concat | struct | id | one_route | full)."""
     c = ml_collections.ConfigDict()
-    c.workdir = "runs/demo"
+    c.workdir = "runs/demo" if variant == "full" else f"runs/demo_{variant}"
     c.seed = 42
 
     c.model = ml_collections.ConfigDict()
@@ -28,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     # From scratch the base is random: train it too (the real config freezes it and trains LoRA).
     c.model.train_base = True
     c.model.iconface = ml_collections.ConfigDict(dict(
-        variant="full", memory_tokens=16, memory_dim=32, pool_heads=2, xattn_rank=16, xattn_heads=2,
+        variant=variant, memory_tokens=16, memory_dim=32, pool_heads=2, xattn_rank=16, xattn_heads=2,
         residual_rank=192, reference_cache=False, prediction="clean"))
     c.model.autoencoder = ml_collections.ConfigDict(dict(kind="patchify", factor=8, weights="", remat_decoder=False))
     c.model.face_encoder = ml_collections.ConfigDict(dict(

@@ -51,6 +51,9 @@ class Checkpoints:
 
     def restore_params(self, abstract_params: Any, prefer_ema: bool = True, step: int | None = None) -> tuple[int, Any]:
         """(step, trainable parameters) alone: the EMA copy when one was kept and `prefer_ema`."""
+        if step is not None and step not in self.manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint of step {step} under {self.manager.directory} "
+                                    f"(kept: {sorted(self.manager.all_steps())})")
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.manager.directory}")

@@ -311,7 +311,7 @@ def evaluate(args: argparse.Namespace) -> int:
     rows = read_rows(args.csv, args.image_dir, args.lq_dir or args.image_dir, args.ref_dir or args.image_dir, dataset)
     if args.limit:
         rows = rows[: args.limit]
-    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema)
+    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step)
     size = cfg.data.resolution
     out_dir = args.output_dir or os.path.join(
         args.checkpoint, "eval", f"{os.path.splitext(os.path.basename(args.csv))[0]}_refs{args.refs}")
@@ -401,12 +401,12 @@ def trait_mse(image: np.ndarray, gt: np.ndarray, traits: np.ndarray) -> float:
 def evaluate_synthetic(args: argparse.Namespace) -> int:
     """Restores held-out synthetic identities without and with references and scores them against the
     degraded input: PSNR, SSIM and the trait error (what references should fix)."""
-    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema)
+    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step)
     if cfg.data.source != "synthetic":
         print(f"note: {args.checkpoint} was trained on {cfg.data.source!r} data; evaluating on synthetic faces",
               file=sys.stderr)
     refs = args.refs or 1  # the restoration without references always runs too
-    out_dir = args.output_dir or os.path.join(args.checkpoint, "eval", f"synthetic{args.synthetic}_refs{refs}")
+    out_dir = args.output_dir or os.path.join(args.checkpoint, "eval", f"synthetic{args.synthetic}_refs{refs}_step{step}")
     os.makedirs(out_dir, exist_ok=True)
     cases = synthetic_cases(cfg, args.synthetic, refs)
     print(f"evaluating the step-{step} model of {args.checkpoint} on {args.synthetic} held-out synthetic "
@@ -487,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sheet-rows", type=int, default=8, help="rows of the contact sheet")
     p.add_argument("--no-iqa", action="store_true", help="skip MUSIQ, CLIP-IQA and MANIQA even if pyiqa is present")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even where an EMA was kept")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the latest)")
     args = p.parse_args(argv)
     if args.csv and not args.image_dir:
         p.error("--csv needs --image-dir")

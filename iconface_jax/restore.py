@@ -53,8 +53,10 @@ def restore(system: FaceSystem, degraded: jax.Array, references: jax.Array, key:
     return jnp.clip(system.decode(z0, h, w), -1.0, 1.0)
 
 
-def load(workdir: str, prefer_ema: bool = True) -> tuple[FaceSystem, ml_collections.ConfigDict, int]:
-    """The trained system of a training workdir (its config.json and latest checkpoint), and its step."""
+def load(workdir: str, prefer_ema: bool = True,
+         step: int | None = None) -> tuple[FaceSystem, ml_collections.ConfigDict, int]:
+    """The trained system of a training workdir (its config.json and the checkpoint of `step`, default the
+    latest), and its step."""
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{workdir} is not a training workdir: {path} is missing")
@@ -68,7 +70,7 @@ def load(workdir: str, prefer_ema: bool = True) -> tuple[FaceSystem, ml_collecti
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)
-    step, params = checkpointing.Checkpoints(workdir, keep=1).restore_params(abstract, prefer_ema)
+    step, params = checkpointing.Checkpoints(workdir, keep=1).restore_params(abstract, prefer_ema, step)
     return nnx.merge(graphdef, params, rest), cfg, step
 
 
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even where an EMA was kept")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the latest)")
     p.add_argument("--model-size", action="store_true",
                    help="keep outputs at the model's resolution instead of resizing back to the input's")
     p.add_argument("--strip", action="store_true",
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps must be at least 1 and --max-refs at least 0")
     try:
         jobs = jobs_from_args(args)
-        system, cfg, step = load(args.checkpoint, prefer_ema=not args.no_ema)
+        system, cfg, step = load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -136,7 +136,7 @@ def test_trait_mse_by_hand():
 
 def test_synthetic_evaluation_end_to_end(toy_run, tmp_path, capsys):
     out = tmp_path / "synthetic"
-    args = ["--checkpoint", str(toy_run), "--synthetic", "3", "--steps", "2", "--output-dir", str(out)]
+    args = ["--checkpoint", str(toy_run), "--synthetic", "3", "--steps", "2", "--step", "6", "--output-dir", str(out)]
     assert evaluate.main(args) == 0
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))

@@ -73,5 +73,9 @@ def test_bad_inputs_name_the_file(workdir, tmp_path, capsys):
     assert restore.main(["--checkpoint", str(tmp_path / "nowhere"), "--input", str(junk),
                          "--output", str(tmp_path / "o.png")]) == 1
     assert "config.json is missing" in capsys.readouterr().err
+    assert restore.main(["--checkpoint", str(workdir), "--input", str(junk), "--output", str(tmp_path / "o.png"),
+                         "--step", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint of step 5" in err and "kept: [6]" in err
     with pytest.raises(SystemExit):
         restore.main(["--checkpoint", str(workdir), "--input", str(junk), "--output", "o.png", "--steps", "0"])
