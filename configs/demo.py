@@ -30,7 +30,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.model.train_base = True
     c.model.iconface = ml_collections.ConfigDict(dict(
         variant=variant, memory_tokens=16, memory_dim=32, pool_heads=2, xattn_rank=16, xattn_heads=2,
-        residual_rank=192, reference_cache=False, prediction="clean"))
+        residual_rank=192, reference_cache=False, prediction="clean", memory_readers="image"))
     c.model.autoencoder = ml_collections.ConfigDict(dict(kind="patchify", factor=8, weights="", remat_decoder=False))
     c.model.face_encoder = ml_collections.ConfigDict(dict(
         weights="", units=(1, 1, 1, 1), channels=(8, 8, 16, 16)))

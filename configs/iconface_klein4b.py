@@ -27,7 +27,9 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.model.train_base = False
     # reference_cache: degraded and reference tokens attend only among themselves at sigma 0, so sampling
     # computes their keys and values once per image (BUILD_NOTES.md); a different model: train with it.
-    c.model.iconface = ml_collections.ConfigDict(dict(variant=variant, reference_cache=False))
+    # memory_readers: the tokens that read the degraded memory, "image" (the paper: scene, degraded and
+    # reference tokens) or "scene"; recorded here so a workdir's config.json says which model it trained.
+    c.model.iconface = ml_collections.ConfigDict(dict(variant=variant, reference_cache=False, memory_readers="image"))
     c.model.autoencoder = ml_collections.ConfigDict(dict(kind="vae", factor=8, weights="weights/flux2-vae",
                                                         remat_decoder=False))
     c.model.face_encoder = ml_collections.ConfigDict(dict(

@@ -65,6 +65,8 @@ def load(workdir: str, prefer_ema: bool = True,
     if "model" not in stored:
         kind = f"a converted {stored['family']} weight directory" if "family" in stored else "not a training config"
         raise ValueError(f"{path}: {kind}; --checkpoint takes a training workdir")
+    # Workdirs from before `memory_readers` existed trained with the scene tokens reading the memory.
+    stored["model"].get("iconface", {}).setdefault("memory_readers", "scene")
     cfg = ml_collections.ConfigDict(stored)
     system = face_system.build(cfg)
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -79,3 +81,15 @@ def test_bad_inputs_name_the_file(workdir, tmp_path, capsys):
     assert "no checkpoint of step 5" in err and "kept: [6]" in err
     with pytest.raises(SystemExit):
         restore.main(["--checkpoint", str(workdir), "--input", str(junk), "--output", "o.png", "--steps", "0"])
+
+
+def test_workdir_from_before_memory_readers_loads_as_it_trained(workdir, tmp_path):
+    """A config.json without `memory_readers` (written before the field existed) builds the scene-readers model
+    it was trained as, not today's default; a config that names it keeps it."""
+    old = tmp_path / "old_run"
+    shutil.copytree(workdir, old)
+    stored = json.loads((old / "config.json").read_text())
+    assert stored["model"]["iconface"].pop("memory_readers") == "image"
+    (old / "config.json").write_text(json.dumps(stored))
+    assert restore.load(str(old))[0].model.config.memory_readers == "scene"
+    assert restore.load(str(workdir))[0].model.config.memory_readers == "image"
