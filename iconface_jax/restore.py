@@ -36,6 +36,15 @@ from iconface_jax.system import FaceSystem, grid_of
 def restore(system: FaceSystem, degraded: jax.Array, references: jax.Array, key: jax.Array,
             steps: int = 12, guidance: float = 4.0, on_step=None) -> jax.Array:
     """Restored images (B, H, W, 3) in [-1, 1] from degraded (B, H, W, 3) and references (B, R, H, W, 3)."""
+    _, h, w, _ = degraded.shape
+    noise = jax.random.normal(key, jax.eval_shape(system.encode, degraded).shape, jnp.float32)
+    z0 = restore_tokens(system, degraded, references, noise, steps, guidance, on_step)
+    return jnp.clip(system.decode(z0, h, w), -1.0, 1.0)
+
+
+def restore_tokens(system: FaceSystem, degraded: jax.Array, references: jax.Array, noise: jax.Array,
+                   steps: int = 12, guidance: float = 4.0, on_step=None) -> jax.Array:
+    """Restored scene tokens z0 (B, L, C), sampled from the initial tokens `noise` (B, L, C)."""
     b, h, w, _ = degraded.shape
     x_deg, x_refs = system.encode(degraded), system.encode(references)
     grid = grid_of(h, w, x_deg.shape[1])
@@ -49,9 +58,7 @@ def restore(system: FaceSystem, degraded: jax.Array, references: jax.Array, key:
     def velocity(z2, sigma2):
         return system.model.velocity(z2, text, sigma2, cond)
 
-    noise = jax.random.normal(key, x_deg.shape, jnp.float32)
-    z0 = sampling.sample(velocity, noise, sampling.schedule(steps, x_deg.shape[1]), guidance, on_step)
-    return jnp.clip(system.decode(z0, h, w), -1.0, 1.0)
+    return sampling.sample(velocity, noise, sampling.schedule(steps, x_deg.shape[1]), guidance, on_step)
 
 
 def config_from_file(spec: str) -> ml_collections.ConfigDict:
