@@ -131,8 +131,9 @@ def test_velocity_matches_theirs(ref, release, system):
     ref_seq, ref_ids, _ = u.build_grouped_image_condition_ids(refs, time_offset=10)
     ctx, ctx_ids = u.pack_text(their_text_encoder([PROMPT]))
     with torch.no_grad():
-        want = release.transformer(x=torch.cat([packed, deg_seq, ref_seq], 1), x_ids=torch.cat([ids, deg_ids, ref_ids], 1),
-                                   timesteps=torch.tensor([0.6]), ctx=ctx, ctx_ids=ctx_ids, guidance=None)[:, :GRID**2]
+        want = release.transformer(x=torch.cat([packed, deg_seq, ref_seq], 1),
+                                   x_ids=torch.cat([ids, deg_ids, ref_ids], 1), timesteps=torch.tensor([0.6]),
+                                   ctx=ctx, ctx_ids=ctx_ids, guidance=None)[:, :GRID**2]
     # Our sequence's RoPE ids are theirs.
     np.testing.assert_array_equal(sequence.image_segment_ids(GRID, GRID, 2), torch.cat([ids, deg_ids, ref_ids], 1)[0])
     np.testing.assert_array_equal(sequence.text_ids(LENGTH), ctx_ids[0])
