@@ -25,7 +25,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.model.precision = "float32"
     c.model.attention = ""  # backend; empty: the platform default
     c.model.remat = "none"  # transformer blocks: none | full (keep block inputs) | save_dots (and matmul outputs)
-    c.model.lora = ml_collections.ConfigDict(dict(rank=8, alpha=8.0, feed_forward=True))
+    c.model.lora = ml_collections.ConfigDict(dict(rank=8, alpha=8.0, targets="flux2_klein_full"))
     # From scratch the base is random: train it too (the real config freezes it and trains LoRA).
     c.model.train_base = True
     c.model.iconface = ml_collections.ConfigDict(dict(

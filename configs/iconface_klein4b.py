@@ -23,7 +23,11 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     # Transformer blocks rematerialised in the backward pass: none | full | save_dots. "full" keeps only block
     # inputs (B=4 R=3 per 80 GB GPU, TPU v5e); with `remat_decoder` the identity loss's VAE decoder too.
     c.model.remat = "none"
-    c.model.lora = ml_collections.ConfigDict(dict(rank=16, alpha=16.0, feed_forward=False))
+    # LoRA targets, a preset of iconface_jax.models.lora: flux2_klein (the authors': image-side double-block
+    # attention and the single blocks), flux2_klein_full (every block Linear) or attention (every attention map).
+    # lora_init: a converted adapter to start from (python -m convert.lora; the authors' release is the concat row).
+    c.model.lora = ml_collections.ConfigDict(dict(rank=16, alpha=16.0, targets="flux2_klein"))
+    c.model.lora_init = ""
     c.model.train_base = False
     # reference_cache: degraded and reference tokens attend only among themselves at sigma 0, so sampling
     # computes their keys and values once per image (BUILD_NOTES.md); a different model: train with it.

@@ -118,10 +118,12 @@ def convert(src: str, dst: str, dtype: np.dtype, family: str,
 
 
 def cli(description: str, convert_fn: Callable[..., None], argv: Sequence[str] | None,
-        default_dtype: str = "bf16", flags: Sequence[tuple[str, str]] = ()) -> int:
+        default_dtype: str = "bf16", flags: Sequence[tuple[str, str]] = (),
+        options: Sequence[tuple[str, str]] = ()) -> int:
     """The converters' shared command line: `--src PATH --dst DIR [--dtype bf16|float32]`.
 
-    `flags` adds boolean options as (flag, help); each is passed to `convert_fn` as a keyword argument.
+    `flags` adds boolean options and `options` string-valued ones (default None), each as (flag, help);
+    each is passed to `convert_fn` as a keyword argument.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--src", required=True, help="source checkpoint: file or directory")
@@ -129,8 +131,11 @@ def cli(description: str, convert_fn: Callable[..., None], argv: Sequence[str] |
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype, help="stored parameter dtype")
     for flag, help_text in flags:
         parser.add_argument(flag, action="store_true", help=help_text)
+    for flag, help_text in options:
+        parser.add_argument(flag, help=help_text)
     args = parser.parse_args(argv)
-    extra = {flag.lstrip("-").replace("-", "_"): getattr(args, flag.lstrip("-").replace("-", "_")) for flag, _ in flags}
+    names = [flag.lstrip("-").replace("-", "_") for flag, _ in [*flags, *options]]
+    extra = {name: getattr(args, name) for name in names}
     start = time.perf_counter()
     try:
         convert_fn(args.src, args.dst, np.dtype(DTYPES[args.dtype]), **extra)

@@ -311,7 +311,8 @@ def evaluate(args: argparse.Namespace) -> int:
     rows = read_rows(args.csv, args.image_dir, args.lq_dir or args.image_dir, args.ref_dir or args.image_dir, dataset)
     if args.limit:
         rows = rows[: args.limit]
-    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step)
+    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step,
+                                     lora_init=args.lora_init)
     size = cfg.data.resolution
     out_dir = args.output_dir or os.path.join(
         args.checkpoint, "eval", f"{os.path.splitext(os.path.basename(args.csv))[0]}_refs{args.refs}")
@@ -401,7 +402,8 @@ def trait_mse(image: np.ndarray, gt: np.ndarray, traits: np.ndarray) -> float:
 def evaluate_synthetic(args: argparse.Namespace) -> int:
     """Restores held-out synthetic identities without and with references and scores them against the
     degraded input: PSNR, SSIM and the trait error (what references should fix)."""
-    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step)
+    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step,
+                                     lora_init=args.lora_init)
     if cfg.data.source != "synthetic":
         print(f"note: {args.checkpoint} was trained on {cfg.data.source!r} data; evaluating on synthetic faces",
               file=sys.stderr)
@@ -458,7 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description="Evaluate IConFace on a benchmark CSV (Ref/GT-ArcFace and -AdaFace, "
                                             "PSNR, SSIM, IQA).")
-    p.add_argument("--checkpoint", required=True, help="training workdir (config.json + checkpoints/)")
+    p.add_argument("--checkpoint", required=True, help="training workdir (config.json + checkpoints/), or a config "
+                                                       "FILE.py[:ARG] with --lora-init and --output-dir")
+    p.add_argument("--lora-init", default="", help="converted LoRA (python -m convert.lora) the model starts from")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", help="CSV with gt_image, optional lq_image, ref_image (list literal)")
     source.add_argument("--synthetic", type=int, metavar="N",
@@ -491,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.csv and not args.image_dir:
         p.error("--csv needs --image-dir")
+    if args.checkpoint.partition(":")[0].endswith(".py") and not args.output_dir:
+        p.error("a config as --checkpoint needs --output-dir")
     try:
         if args.synthetic is not None:
             if args.synthetic < 1 or args.refs == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import importlib.util
 import json
 import os
 import sys
@@ -35,6 +36,15 @@ from iconface_jax.system import FaceSystem, grid_of
 def restore(system: FaceSystem, degraded: jax.Array, references: jax.Array, key: jax.Array,
             steps: int = 12, guidance: float = 4.0, on_step=None) -> jax.Array:
     """Restored images (B, H, W, 3) in [-1, 1] from degraded (B, H, W, 3) and references (B, R, H, W, 3)."""
+    _, h, w, _ = degraded.shape
+    noise = jax.random.normal(key, jax.eval_shape(system.encode, degraded).shape, jnp.float32)
+    z0 = restore_tokens(system, degraded, references, noise, steps, guidance, on_step)
+    return jnp.clip(system.decode(z0, h, w), -1.0, 1.0)
+
+
+def restore_tokens(system: FaceSystem, degraded: jax.Array, references: jax.Array, noise: jax.Array,
+                   steps: int = 12, guidance: float = 4.0, on_step=None) -> jax.Array:
+    """Restored scene tokens z0 (B, L, C), sampled from the initial tokens `noise` (B, L, C)."""
     b, h, w, _ = degraded.shape
     x_deg, x_refs = system.encode(degraded), system.encode(references)
     grid = grid_of(h, w, x_deg.shape[1])
@@ -48,15 +58,30 @@ def restore(system: FaceSystem, degraded: jax.Array, references: jax.Array, key:
     def velocity(z2, sigma2):
         return system.model.velocity(z2, text, sigma2, cond)
 
-    noise = jax.random.normal(key, x_deg.shape, jnp.float32)
-    z0 = sampling.sample(velocity, noise, sampling.schedule(steps, x_deg.shape[1]), guidance, on_step)
-    return jnp.clip(system.decode(z0, h, w), -1.0, 1.0)
+    return sampling.sample(velocity, noise, sampling.schedule(steps, x_deg.shape[1]), guidance, on_step)
 
 
-def load(workdir: str, prefer_ema: bool = True,
-         step: int | None = None) -> tuple[FaceSystem, ml_collections.ConfigDict, int]:
+def config_from_file(spec: str) -> ml_collections.ConfigDict:
+    """`get_config([ARG])` of a config file named as `FILE.py[:ARG]` (absl's config flag syntax)."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("restore_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def load(workdir: str, prefer_ema: bool = True, step: int | None = None,
+         lora_init: str = "") -> tuple[FaceSystem, ml_collections.ConfigDict, int]:
     """The trained system of a training workdir (its config.json and the checkpoint of `step`, default the
-    latest), and its step."""
+    latest), and its step; or, for a config `FILE.py[:ARG]`, its model with the adapter of `model.lora_init`
+    (step 0), `lora_init` overriding the config's (the authors' released LoRA on the concat config)."""
+    if workdir.partition(":")[0].endswith(".py"):
+        cfg = config_from_file(workdir)
+        cfg.model.lora_init = lora_init or cfg.model.get("lora_init", "")
+        if not cfg.model.lora_init:
+            raise ValueError(f"{workdir}: a config alone is an untrained model; name a converted LoRA "
+                             f"(--lora-init DIR) or give a training workdir")
+        return face_system.build(cfg), cfg, 0
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{workdir} is not a training workdir: {path} is missing")
@@ -67,6 +92,7 @@ def load(workdir: str, prefer_ema: bool = True,
         raise ValueError(f"{path}: {kind}; --checkpoint takes a training workdir")
     # Workdirs from before `memory_readers` existed trained with the scene tokens reading the memory.
     stored["model"].get("iconface", {}).setdefault("memory_readers", "scene")
+    stored["model"]["lora_init"] = ""  # the checkpoint holds the trained adapters
     cfg = ml_collections.ConfigDict(stored)
     system = face_system.build(cfg)
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
@@ -129,7 +155,9 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: restore one image, a folder, or the rows of a CSV."""
     p = argparse.ArgumentParser(description="Restore degraded faces with IConFace, with or without references.")
-    p.add_argument("--checkpoint", required=True, help="training workdir (config.json + checkpoints/)")
+    p.add_argument("--checkpoint", required=True, help="training workdir (config.json + checkpoints/), or a config "
+                                                       "FILE.py[:ARG] with --lora-init (the authors' LoRA: README)")
+    p.add_argument("--lora-init", default="", help="converted LoRA (python -m convert.lora) the model starts from")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help="one degraded, aligned face image")
     src.add_argument("--input-dir", help="a folder of degraded faces")
@@ -158,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--steps must be at least 1 and --max-refs at least 0")
     try:
         jobs = jobs_from_args(args)
-        system, cfg, step = load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step)
+        system, cfg, step = load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step, lora_init=args.lora_init)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

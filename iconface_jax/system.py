@@ -67,8 +67,11 @@ def build(cfg: ml_collections.ConfigDict) -> FaceSystem:
         fields = {k: v for k, v in m.backbone.items() if k != "preset"}
         arch = dataclasses.replace(flux2.PRESETS[m.backbone.preset], **fields)
         backbone = flux2.build(arch, precision, seed=cfg.seed, attention_backend=backend, remat=m.remat)
-    targets = lora.DEFAULT_TARGETS + (lora.FEED_FORWARD_TARGETS if m.lora.feed_forward else ())
-    lora.add_lora(backbone, m.lora.rank, m.lora.alpha, targets, seed=cfg.seed)
+    # Workdirs from before `lora.targets` named their set by `feed_forward`.
+    targets = m.lora.get("targets") or ("flux2_klein_full" if m.lora.get("feed_forward") else "attention")
+    lora.add_lora(backbone, m.lora.rank, m.lora.alpha, lora.preset_targets(targets), seed=cfg.seed)
+    if m.get("lora_init"):  # a converted adapter (the authors' release) instead of B = 0
+        lora.restore(backbone, m.lora_init, m.lora.rank, m.lora.alpha, targets)
     model = iconface.IConFace(backbone, iconface.IConFaceConfig(**m.iconface), seed=cfg.seed)
 
     codec = build_autoencoder(m)

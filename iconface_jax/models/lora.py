@@ -3,6 +3,8 @@
 Targets are named as diffusers and peft name modules; a target matches a Linear whose dotted path
 equals it or ends with "." + target (peft's rule), and `*` matches one path component. Trainable
 LoRA state is everything of type `nnx.LoRAParam`, so optimizers and checkpoints select it by filter.
+`PRESETS` names the target sets a config chooses from (`model.lora.targets`); `restore` fills a model's
+adapters from a directory written by `python -m convert.lora`.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from flax import nnx
 
+from iconface_jax import weights
 from iconface_jax.models.layers import Linear
 
 # The IConFace / DESIGN.md default: every attention map of both block kinds, 18,677,760 parameters at rank 16
@@ -19,6 +22,16 @@ from iconface_jax.models.layers import Linear
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                    "to_qkv_mlp_proj", "single_transformer_blocks.*.attn.to_out")
 FEED_FORWARD_TARGETS = ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out")
+# The IConFace authors' presets (their lora.py), in diffusers terms. `flux2_klein`: BFL's img_attn.qkv and
+# img_attn.proj (image-side double-block attention) and the single blocks' fused linear1 / linear2;
+# `flux2_klein_full` adds the text side and both MLPs, i.e. every Linear of every block.
+FLUX2_KLEIN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj", "single_transformer_blocks.*.attn.to_out")
+PRESETS = {
+    "attention": DEFAULT_TARGETS,
+    "flux2_klein": FLUX2_KLEIN_TARGETS,
+    "flux2_klein_full": DEFAULT_TARGETS + FEED_FORWARD_TARGETS,
+}
+FAMILY = "lora"  # converted adapter directories (`python -m convert.lora`)
 
 trainable = nnx.LoRAParam  # the NNX filter that selects LoRA factors
 
@@ -48,6 +61,25 @@ def add_lora(model: nnx.Module, rank: int, alpha: float, targets: Sequence[str] 
     for name in chosen:
         layers[name].add_lora(rank, alpha, rngs)
     return chosen
+
+
+def preset_targets(name: str) -> tuple[str, ...]:
+    """The targets of a preset named in a config (`model.lora.targets`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown LoRA target preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def restore(model: nnx.Module, path: str, rank: int, alpha: float, targets: str) -> nnx.Module:
+    """Fills the adapters that `add_lora(model, rank, alpha, preset_targets(targets))` attached from a converted
+    adapter directory, refusing one of another rank, alpha or preset (the scale alpha / rank would change)."""
+    stored = weights.read_config(path, FAMILY)
+    want = {"rank": rank, "alpha": float(alpha), "targets": targets}
+    got = {k: stored.get(k) for k in want}
+    if got != want:
+        raise weights.WeightsError(f"{path}: the adapter has {got}, the config asks for {want} "
+                                   f"(set config.model.lora to match)")
+    return weights.restore(model, path, kinds=(nnx.LoRAParam,))
 
 
 def count(model: nnx.Module) -> int:
