@@ -17,7 +17,7 @@ from PIL import Image
 from iconface_jax.data import pipeline, references, synthetic
 from iconface_jax.data.sources import FFHQRefSource, FolderSource
 
-PROBS = references.DEFAULT_PROBS
+PROBS = (0.3, 0.3, 0.2, 0.2)  # the paper's protocol: 30% no reference, 30% one, 20% two, 20% three
 
 
 def _config(resolution: int = 32, identities: int = 40, views: int = 4, **overrides):
@@ -47,8 +47,13 @@ def _assert_batches_equal(a, b):
 # ----------------------------------------------------------------------------- protocol
 
 
+def test_default_protocol_is_the_papers():
+    assert tuple(references.DEFAULT_PROBS) == PROBS
+    assert tuple(pipeline.default_config().ref_count_probs) == PROBS
+
+
 def test_protocol_count_distribution():
-    counts = references.draw_counts(np.random.default_rng(0), PROBS, 200_000)
+    counts = references.draw_counts(np.random.default_rng(0), references.DEFAULT_PROBS, 200_000)
     freq = np.bincount(counts, minlength=4) / counts.size
     np.testing.assert_allclose(freq, PROBS, atol=0.005)
     custom = references.draw_counts(np.random.default_rng(1), (0.5, 0.5), 50_000)
