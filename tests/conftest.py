@@ -2,6 +2,7 @@
 recognisers' golden-weight recipe and official state dicts."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
@@ -27,12 +28,31 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def on_ci() -> bool:
+    """Whether this is a CI run (env CI set), where the shared data and every test dependency must be present."""
+    return bool(os.environ.get("CI"))
+
+
+def require(path: pathlib.Path, what: str) -> pathlib.Path:
+    """`path` (under ../shared), or a skip where a user's machine lacks it; under CI a failure, so that a missing or
+    partial ../shared cannot turn parity tests into skips."""
+    if not path.exists():
+        message = f"{what} not found at {path} (../shared is absent or partial)"
+        if on_ci():
+            pytest.fail(f"{message}; CI needs it", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+def import_or_skip(name: str):
+    """`pytest.importorskip(name)`, but under CI a plain import: a declared test dependency must be there."""
+    return importlib.import_module(name) if on_ci() else pytest.importorskip(name)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
-    """../shared beside the checkout (skips where a user's machine has none)."""
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent (the project's shared test data lives beside the checkout)")
-    return SHARED
+    """../shared beside the checkout (skips where a user's machine has none; fails under CI)."""
+    return require(SHARED, "the project's shared test data")
 
 
 # --- trainer runs (tests/test_train.py, tests/test_restore.py) ---

@@ -170,7 +170,7 @@ def test_text_dropout_rate(monkeypatch):
     monkeypatch.setattr(iconface.IConFace, "__call__", fake_model)
     monkeypatch.setattr(face_system.FaceSystem, "anchor", lambda self, deg, refs: jnp.ones((deg.shape[0], 512)))
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
-    n = 4000
+    n = 1000
     train.loss_fn(params, rest, graphdef, batch(0, size=16, b=n), jax.random.key(0), cfg.train)
     text = seen[0]
     empty = np.all(text == np.asarray(system.empty[...])[None], axis=(1, 2))
