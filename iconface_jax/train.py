@@ -45,6 +45,23 @@ def init_distributed() -> None:
     jax.distributed.initialize(address, int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"]))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an override of a field the config lacks (`--config.train.stepz=3`) reported in
+    its one-line form, as any other bad flag, instead of ml_collections' traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as e:  # ml_collections: "'stepz'\nDid you mean "steps" instead of "stepz"?"
+        message = e.args[0]
+        while isinstance(message, BaseException):  # ml_collections re-raises its KeyError as an AttributeError
+            message = message.args[0]
+        field, *hint = str(message).splitlines()
+        flag = next((a for a in argv if a.startswith("--config.") and field.strip("'") in a.split("=")[0].split(".")),
+                    "--config")
+        sys.stderr.write(f"FATAL Flags parsing error: flag {flag}: the config has no field {field}"
+                         f"{'; ' + ' '.join(hint) if hint else ''}\n")
+        sys.exit(1)
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Fails fast, before anything compiles, on a config that cannot run."""
     n = jax.device_count()
@@ -306,4 +323,4 @@ def _write_png(path: str, image: np.ndarray) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -2,6 +2,7 @@
 recognisers' golden-weight recipe and official state dicts."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
@@ -27,12 +28,31 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def on_ci() -> bool:
+    """Whether this is a CI run (env CI set), where the shared data and every test dependency must be present."""
+    return bool(os.environ.get("CI"))
+
+
+def require(path: pathlib.Path, what: str) -> pathlib.Path:
+    """`path` (under ../shared), or a skip where a user's machine lacks it; under CI a failure, so that a missing or
+    partial ../shared cannot turn parity tests into skips."""
+    if not path.exists():
+        message = f"{what} not found at {path} (../shared is absent or partial)"
+        if on_ci():
+            pytest.fail(f"{message}; CI needs it", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+def import_or_skip(name: str):
+    """`pytest.importorskip(name)`, but under CI a plain import: a declared test dependency must be there."""
+    return importlib.import_module(name) if on_ci() else pytest.importorskip(name)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> pathlib.Path:
-    """../shared beside the checkout (skips where a user's machine has none)."""
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent (the project's shared test data lives beside the checkout)")
-    return SHARED
+    """../shared beside the checkout (skips where a user's machine has none; fails under CI)."""
+    return require(SHARED, "the project's shared test data")
 
 
 # --- trainer runs (tests/test_train.py, tests/test_restore.py) ---
@@ -87,6 +107,52 @@ def toy_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy_run")
     run_train(path, "--config.train.steps=6", "--config.log.checkpoint_every=100")
     return path
+
+
+# --- the paper's training shape at toy size (tests/test_train_step.py, tests/test_train.py) ---
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory) -> pathlib.Path:
+    """A converted weight directory of a tiny random FLUX.2 VAE: 16-channel tokens, 4 pixels per token side."""
+    from flax import nnx
+
+    from iconface_jax import weights
+    from iconface_jax.models import vae
+
+    config = vae.VAEConfig(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4)
+    model = vae.init(config, seed=3)
+    model.bn.running_var.set_value(model.bn.running_var[...] + 0.5)  # a non-trivial token normalisation
+    stored = weights.base_params(model, (nnx.Param, nnx.BatchStat))
+    path = tmp_path_factory.mktemp("tiny_vae") / "vae"
+    weights.save(str(path), vae.FAMILY, config.to_dict(), {k: np.asarray(v.get_value()) for k, v in stored.items()})
+    return path
+
+
+def paper_overrides(vae_dir) -> list[str]:
+    """The demo config turned into the paper's training shape at toy size: a frozen base transformer with LoRA and
+    side pathways trained, the FLUX.2 VAE codec (`tiny_vae_dir`), velocity prediction, EMA on."""
+    return ["--config.model.train_base=False", "--config.model.autoencoder.kind=vae",
+            f"--config.model.autoencoder.weights={vae_dir}", "--config.model.backbone.in_channels=16",
+            "--config.model.backbone.num_attention_heads=2", "--config.model.iconface.residual_rank=8",
+            "--config.model.iconface.prediction=velocity", "--config.train.ema_decay=0.9"]
+
+
+def demo_config(*overrides: str):
+    """configs/demo.py with `--config.a.b=value` overrides applied as the trainer's flags would."""
+    import ast
+
+    from configs import demo
+
+    cfg = demo.get_config()
+    for override in overrides:
+        key, value = override[len("--config."):].split("=", 1)
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value if isinstance(node[leaf], str) else ast.literal_eval(value)
+    return cfg
 
 
 # --- face recognisers (tests/test_adaface.py, tests/test_arcface.py) ---

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import SHARED, CustomObject, golden_state, rel_err, state_from_plan
+from conftest import SHARED, CustomObject, golden_state, import_or_skip, rel_err, require, state_from_plan
 from convert import arcface as convert_arcface
 from iconface_jax import weights
 from iconface_jax.models import arcface
 
-torch = pytest.importorskip("torch")
+torch = import_or_skip("torch")
 
 GOLDEN = SHARED / "golden"
 STAGES = ("input_layer", "stage1", "stage2", "stage3", "stage4")
@@ -35,10 +35,8 @@ def _convert(capsys, *args: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def golden():
-    if not GOLDEN.is_dir():
-        pytest.skip(f"golden vectors not found at {GOLDEN} (../shared is absent)")
-    keys = json.loads((GOLDEN / "arcface_ir50_keys.json").read_text())
-    return keys, dict(np.load(GOLDEN / "arcface_ir50_golden.npz"))
+    keys = json.loads(require(GOLDEN / "arcface_ir50_keys.json", "ArcFace golden keys").read_text())
+    return keys, dict(np.load(require(GOLDEN / "arcface_ir50_golden.npz", "ArcFace golden vectors")))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +103,7 @@ def test_input_shape_is_checked(r50):
 
 def test_embed_faces_is_the_identity_crop_then_the_model(r50, shared_dir):
     """On a real 512 face: crop 32:480, 4x4 mean pool, RGB kept, then the model (written out by hand)."""
-    cv2 = pytest.importorskip("cv2")
+    cv2 = import_or_skip("cv2")
     path = sorted((shared_dir / "faces" / "supp_ref_ffhq_moderate").iterdir())[0] / "gt.jpg"
     rgb = (cv2.imread(str(path))[..., ::-1].astype(np.float32) / 255.0 - 0.5) / 0.5
     assert rgb.shape == (512, 512, 3)
@@ -138,7 +136,7 @@ def test_prefixed_state_dict_and_safetensors_r18(tmp_path, capsys):
     np.testing.assert_array_equal(model.features.var[...], state["features.running_var"].numpy())
     np.testing.assert_array_equal(model.layer4[0].prelu.negative_slope[...], state["layer4.0.prelu.weight"].numpy())
 
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch = import_or_skip("safetensors.torch")
     st = tmp_path / "r18.safetensors"
     safetensors_torch.save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()},
                                 st)

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import ml_collections
 import numpy as np
 import pytest
 import scipy.linalg
 
+from conftest import SHARED, require
 from iconface_jax.data import calibrate, degrade
 
-FACES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "faces")
+FACES = SHARED / "faces"
 
 
 def _image(size: int, seed: int = 0) -> np.ndarray:
@@ -85,10 +85,9 @@ def test_severe_is_stronger_than_moderate():
     assert values["severe"] < values["moderate"] - 2
 
 
-@pytest.mark.skipif(not os.path.isdir(FACES), reason=f"benchmark faces not found at {FACES} (CI has ../shared)")
 @pytest.mark.parametrize("preset", ["moderate", "severe"])
 def test_preset_calibration_on_benchmark_faces(preset):
-    images = calibrate.load_ground_truths(FACES)
+    images = calibrate.load_ground_truths(require(FACES, "benchmark faces"))
     assert len(images) == 40
     median = float(np.median(calibrate.preset_psnrs(images, preset, seed=0)))
     assert abs(median - calibrate.TARGETS[preset]) <= calibrate.TOLERANCE_DB, median

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import ROOT, env_with
 from iconface_jax import system as face_system
 from iconface_jax import train
-from iconface_jax.data import latents, pipeline
+from iconface_jax.data import catalog, latents, pipeline
 
 
 def toy_config(identities: int = 10) -> ml_collections.ConfigDict:
@@ -99,7 +99,7 @@ def test_unusable_images_are_skipped_and_reported(tmp_path):
     meta = latents.precompute(cfg, str(tmp_path / "lat"))
     assert meta["count"] == 6 and list(meta["skipped"].values()) == ["unreadable"]
     store = latents.LatentStore(str(tmp_path / "lat"))
-    assert store.missing(latents.clean_keys(pipeline.make_source(cfg.data).records)) == []
+    assert store.missing(latents.clean_keys(catalog.make_source(cfg.data).records)) == []
     keys = json.loads((tmp_path / "lat" / latents.KEYS).read_text())
     assert keys.count(None) == 1 and len(keys) == 7
 

@@ -3,6 +3,7 @@ shapes, determinism from (seed, epoch, index), exact resume (threads and worker 
 multi-process sharding, bad inputs end to end, and the device-mesh layout."""
 from __future__ import annotations
 
+import ast
 import io
 import logging
 import os
@@ -14,10 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iconface_jax.data import pipeline, references, synthetic
+from conftest import ROOT
+
+from iconface_jax.data import catalog, pipeline, references, synthetic
 from iconface_jax.data.sources import FFHQRefSource, FolderSource
 
-PROBS = references.DEFAULT_PROBS
+PROBS = (0.3, 0.3, 0.2, 0.2)  # the paper's protocol: 30% no reference, 30% one, 20% two, 20% three
 
 
 def _config(resolution: int = 32, identities: int = 40, views: int = 4, **overrides):
@@ -47,8 +50,13 @@ def _assert_batches_equal(a, b):
 # ----------------------------------------------------------------------------- protocol
 
 
+def test_default_protocol_is_the_papers():
+    assert tuple(references.DEFAULT_PROBS) == PROBS
+    assert tuple(pipeline.default_config().ref_count_probs) == PROBS
+
+
 def test_protocol_count_distribution():
-    counts = references.draw_counts(np.random.default_rng(0), PROBS, 200_000)
+    counts = references.draw_counts(np.random.default_rng(0), references.DEFAULT_PROBS, 200_000)
     freq = np.bincount(counts, minlength=4) / counts.size
     np.testing.assert_allclose(freq, PROBS, atol=0.005)
     custom = references.draw_counts(np.random.default_rng(1), (0.5, 0.5), 50_000)
@@ -307,16 +315,16 @@ def test_default_config_and_sources(tmp_path):
     c.degradation.params.severe.scale_range = (30.0, 31.0)  # overrides reach the degradation
     c.degradation.presets, c.degradation.preset_probs = ("severe",), (1.0,)
     c.resolution, c.synthetic.num_identities = 64, 10
-    samples = pipeline.FaceSamples(pipeline.make_source(c), c, seed=0, global_batch=2)
+    samples = pipeline.FaceSamples(catalog.make_source(c), c, seed=0, global_batch=2)
     assert samples.presets["severe"].scale_range == (30.0, 31.0)
     arrays, info = samples.sample(0, 0)
     assert info.degradation == "severe" and arrays["deg"].std() < arrays["gt"].std()
     _write_folder_dataset(tmp_path)
     c.source, c.folder.root = "folder", str(tmp_path)
-    assert isinstance(pipeline.make_source(c), FolderSource)
+    assert isinstance(catalog.make_source(c), FolderSource)
     c.source = "nope"
     with pytest.raises(ValueError, match="unknown data source"):
-        pipeline.make_source(c)
+        catalog.make_source(c)
 
 
 def test_host_batches_assemble_on_the_mesh():
@@ -358,3 +366,29 @@ def test_batching_cost_model_prefers_grouping():
     assert grouped < batching_cost.padded_to_batch_max(PROBS, 4) < batching_cost.step_flops(3)
     assert batching_cost.padded_to_batch_max(PROBS, 1) == pytest.approx(grouped)
     assert "group by R" in batching_cost.table()
+
+
+def test_data_modules_import_each_other_without_cycles():
+    """The import graph of iconface_jax.data, function-level imports included, is acyclic (the source factory
+    has a home that both the pipeline and the latents tool import)."""
+    package = ROOT / "iconface_jax" / "data"
+    graph = {}
+    for path in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "iconface_jax.data":
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("iconface_jax.data."):
+                names.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                names |= {a.name.rsplit(".", 1)[1] for a in node.names if a.name.startswith("iconface_jax.data.")}
+        graph[path.stem] = names - {path.stem}
+
+    def visit(module, stack):
+        assert module not in stack, f"import cycle: {' -> '.join([*stack, module])}"
+        for dep in graph.get(module, ()):
+            visit(dep, [*stack, module])
+
+    assert "catalog" in graph["latents"] and "pipeline" not in graph["latents"]
+    for module in graph:
+        visit(module, [])

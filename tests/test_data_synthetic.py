@@ -89,3 +89,9 @@ def test_held_out_identities_follow_the_training_ones():
     held_out = synthetic.SyntheticSource(4, 3, 32, seed=2, first_identity=5)
     assert min(r.gt for r in held_out.records) == 15 and not {r.gt for r in train.records} & {r.gt for r in held_out.records}
     assert np.array_equal(held_out.fetch(16), synthetic.SyntheticSource(6, 3, 32, seed=2).fetch(16))
+
+
+def test_benchmark_reports_a_time_per_image():
+    """The render-time figure lives in a benchmark (`python -m iconface_jax.data.synthetic`), not in a timing
+    assert: here only that it runs and reports a positive time."""
+    assert synthetic.benchmark(32, images=3) > 0

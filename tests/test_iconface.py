@@ -238,3 +238,25 @@ def test_smooth_is_the_binomial_blur_with_replicated_edges():
     want = sum(k[i] * k[j] * padded[i:i + 3, j:j + 4] for i in range(3) for j in range(3))
     got = iconface.smooth(jnp.asarray(x, jnp.float32).reshape(1, 12, 1), (3, 4))
     np.testing.assert_allclose(np.asarray(got).reshape(3, 4), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_rope_ids_are_the_table_of_design_md(cached, monkeypatch):
+    """The RoPE ids the backbone receives, against DESIGN.md's table written out: text (0, 0, 0, l), scene
+    (0, h, w, 0), degraded (2, h, w, 0), reference r (10 + r, h, w, 0), on a 2 x 8 grid (rows then columns).
+    With the reference cache, [degraded; references] get theirs in the cache pass (no text) and the scene at the step."""
+    seen = []
+    real = flux2.Flux2Transformer.conditioning
+    monkeypatch.setattr(flux2.Flux2Transformer, "conditioning", lambda self, timestep, img_ids, txt_ids: (
+        seen.append((np.asarray(img_ids).tolist(), np.asarray(txt_ids).tolist())), real(self, timestep, img_ids, txt_ids))[1])
+    model = iconface.IConFace(backbone(), dataclasses.replace(iconface.IConFaceConfig(
+        memory_tokens=8, memory_dim=16, pool_heads=2, xattn_rank=8, xattn_heads=2, residual_rank=4),
+        reference_cache=cached))
+    jax.eval_shape(lambda x: model(**x, grid=(2, 8)), inputs(2))  # ids are static: tracing sees them all
+
+    def segment(t):
+        return [[t, h, w, 0] for h in range(2) for w in range(8)]
+
+    text = [[0, 0, 0, l] for l in range(6)]
+    scene, conditioning = segment(0), segment(2) + segment(10) + segment(11)
+    assert seen == ([(conditioning, []), (scene, text)] if cached else [(scene + conditioning, text)])

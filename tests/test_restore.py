@@ -79,8 +79,34 @@ def test_bad_inputs_name_the_file(workdir, tmp_path, capsys):
                          "--step", "5"]) == 1
     err = capsys.readouterr().err
     assert "no checkpoint of step 5" in err and "kept: [6]" in err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         restore.main(["--checkpoint", str(workdir), "--input", str(junk), "--output", "o.png", "--steps", "0"])
+    assert exit_.value.code == 2
+    assert "error: --steps must be at least 1 and --max-refs at least 0" in capsys.readouterr().err
+
+
+def test_missing_and_corrupt_references_name_the_file(workdir, tmp_path, capsys):
+    deg = face(tmp_path / "deg.png", 32, 0)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for ref in (str(tmp_path / "absent.png"), str(corrupt)):
+        assert restore.main(["--checkpoint", str(workdir), "--input", deg, "--ref", ref, "--steps", "1",
+                             "--output", str(tmp_path / "o.png")]) == 1
+        err = capsys.readouterr().err
+        assert f"skipped: {ref}: not a readable image" in err and "1 image(s) skipped" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_checkpoint_must_be_a_training_workdir_with_a_checkpoint(workdir, tiny_vae_dir, tmp_path, capsys):
+    args = ["--input", face(tmp_path / "deg.png", 32, 0), "--output", str(tmp_path / "o.png")]
+    assert restore.main(["--checkpoint", str(tiny_vae_dir), *args]) == 1  # a converted weight directory
+    assert (f"error: {tiny_vae_dir}/config.json: a converted flux2_vae weight directory; --checkpoint takes a "
+            "training workdir") in capsys.readouterr().err
+    empty = tmp_path / "fresh_run"
+    empty.mkdir()
+    shutil.copy(workdir / "config.json", empty / "config.json")  # a run that never reached its first checkpoint
+    assert restore.main(["--checkpoint", str(empty), *args]) == 1
+    assert f"error: no complete checkpoint under {empty}/checkpoints" in capsys.readouterr().err
 
 
 def test_workdir_from_before_memory_readers_loads_as_it_trained(workdir, tmp_path):

@@ -6,10 +6,12 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
-pytest.importorskip("diffusers")
+from conftest import import_or_skip
+
+torch = import_or_skip("torch")
+transformers = import_or_skip("transformers")
+tokenizers = import_or_skip("tokenizers")
+import_or_skip("diffusers")
 
 from convert import text_embeddings  # noqa: E402
 from iconface_jax import text  # noqa: E402

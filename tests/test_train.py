@@ -147,10 +147,17 @@ def test_batch_must_divide_the_devices(tmp_path):
     assert "batch_size=3 is not divisible by the 2 devices" in out.stderr
 
 
-def test_unknown_config_key_is_refused(tmp_path):
-    out = run_train(tmp_path, "--config.train.bacth_size=4", check=False, timeout=120)
-    assert out.returncode != 0
-    assert "bacth_size" in out.stderr
+@pytest.mark.parametrize("override,message", [
+    ("--config.train.bacth_size=4", "flag --config.train.bacth_size=4: the config has no field 'bacth_size'; "
+                                    "Did you mean \"batch_size\" instead of \"bacth_size\"?"),
+    ("--config.train.stepz=3", "flag --config.train.stepz=3: the config has no field 'stepz'; "
+                               "Did you mean \"steps\" instead of \"stepz\"?"),
+])
+def test_unknown_config_key_is_refused_in_one_line(tmp_path, override, message):
+    out = run_train(tmp_path, override, check=False, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == f"FATAL Flags parsing error: {message}", out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
 
 
 def test_demo_config_is_a_configdict():

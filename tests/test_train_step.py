@@ -1,7 +1,8 @@
-"""The compiled training step on a tiny system: per-term gradient norms and the update they sum to."""
+"""The training step on tiny systems: per-term gradient norms, the identity loss's gradient (finite differences,
+every trainable group), the non-finite guard, the EMA, text dropout's rate and AdamW's schedule by hand."""
 from __future__ import annotations
 
-import importlib.util
+import math
 
 import jax
 import jax.numpy as jnp
@@ -10,20 +11,10 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import ROOT
+from conftest import demo_config, paper_overrides
 from iconface_jax import system as face_system
 from iconface_jax import train
-
-
-def demo_config():
-    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    cfg.data.resolution = 32
-    cfg.train.lambda_id = 0.5
-    cfg.train.term_grad_norms = True
-    return cfg
+from iconface_jax.models import iconface
 
 
 def batch(refs: int, size: int = 32, b: int = 2):
@@ -32,11 +23,21 @@ def batch(refs: int, size: int = 32, b: int = 2):
     return dict(gt=images[:, 0], deg=images[:, 1], refs=images[:, 2:], num_refs=jnp.full((b,), refs, jnp.int32))
 
 
+def name_of(path) -> str:
+    """The dotted parameter name of a state leaf's tree path."""
+    return ".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {name_of(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 @pytest.mark.parametrize("refs", [0, 1])
 def test_term_gradient_norms_are_those_of_each_term(refs):
     """grad_norm_fm and grad_norm_id equal the norms of jax.grad of L_fm and of lambda_id L_id taken apart, and
     the update is the same with and without computing them."""
-    cfg = demo_config()
+    cfg = demo_config("--config.data.resolution=32", "--config.train.lambda_id=0.5",
+                      "--config.train.term_grad_norms=True")
     system = face_system.build(cfg)
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
     t, x, key = cfg.train, batch(refs), jax.random.key(3)
@@ -60,3 +61,153 @@ def test_term_gradient_norms_are_those_of_each_term(refs):
     assert "grad_norm_id" not in plain_metrics
     for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(plain["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+# --- the paper's shape: frozen base, LoRA and side pathways trained, the FLUX.2 VAE codec, EMA ---
+
+GROUPS = ("lora", "identity", "structure", "memory_xattn")
+
+
+def group_of(path: str) -> str:
+    return "lora" if path.endswith(("lora_a", "lora_b")) else path.split(".")[1]
+
+
+@pytest.fixture(scope="module")
+def paper(tiny_vae_dir):
+    """(config, graphdef, trained-like parameters, frozen rest) of the paper's shape at 16 px (4 x 4 tokens)."""
+    cfg = demo_config(*paper_overrides(tiny_vae_dir), "--config.data.resolution=16", "--config.train.lambda_id=1.0",
+                      "--config.train.text_dropout=0.0")
+    system = face_system.build(cfg)
+    graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
+    # Non-zero values everywhere (as after training), so that every trainable group carries a gradient.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda v: jnp.asarray(0.05 * rng.standard_normal(v.shape), v.dtype), params)
+    return cfg, graphdef, params, rest
+
+
+def test_paper_shape_trains_only_lora_and_side_pathways(paper):
+    cfg, _, params, rest = paper
+    names = flat(params)
+    assert {group_of(k) for k in names} == set(GROUPS)
+    assert all(k.startswith("model.") for k in names)
+    frozen = flat(rest)
+    assert any(k.startswith("model.backbone.") and k.endswith("kernel") for k in frozen)
+    assert any(k.startswith("autoencoder.decoder.") for k in frozen) and any(k.startswith("face_encoder.") for k in frozen)
+
+
+def test_identity_loss_gradient_reaches_lora_and_side_pathways(paper):
+    """d L_id / d theta through the decoder and AdaFace: non-zero on every trainable group, and along a random
+    direction within each group equal to a central finite difference of L_id."""
+    cfg, graphdef, params, rest = paper
+    x, key = batch(1, size=16), jax.random.key(5)
+    l_id = jax.jit(lambda p: train.loss_fn(p, rest, graphdef, x, key, cfg.train)[0][1])
+    grads = flat(jax.jit(jax.grad(l_id))(params))
+    assert float(l_id(params)) > 0
+    rng = np.random.default_rng(1)
+    for group in GROUPS:
+        assert max(np.abs(g).max() for k, g in grads.items() if group_of(k) == group) > 0, group
+        direction = jax.tree_util.tree_map_with_path(
+            lambda path, v: jnp.asarray(rng.standard_normal(v.shape) * (group_of(name_of(path)) == group), v.dtype),
+            params)
+        predicted = sum(float(np.vdot(grads[k], d)) for k, d in flat(direction).items())
+        # L_id is small (~0.05) and float32: a step of norm 1 keeps the difference well above rounding.
+        h = 1.0 / math.sqrt(sum(float(np.vdot(d, d)) for d in flat(direction).values()))
+        step = lambda s: jax.tree.map(lambda p, d: p + s * d, params, direction)  # noqa: E731
+        estimate = (float(l_id(step(h))) - float(l_id(step(-h)))) / (2 * h)
+        np.testing.assert_allclose(estimate, predicted, rtol=0.03, err_msg=group)
+
+
+@pytest.fixture(scope="module")
+def paper_step(paper):
+    """The paper-shape train step with the trainer's optimizer and EMA, compiled once for two batches' shape."""
+    cfg, graphdef, params, rest = paper
+    t = cfg.train
+    tx = train.make_optimizer(t)
+    state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), key=jax.random.key(7),
+                 ema=jax.tree.map(lambda p: p + 0.01, params))  # an EMA apart from the parameters
+    return state, jax.jit(lambda s, b: train.train_step(s, rest, b, graphdef=graphdef, tx=tx, t=t)), t
+
+
+def test_nonfinite_step_leaves_the_state_bit_identical(paper_step):
+    state, step, _ = paper_step
+    bad = batch(1, size=16)
+    bad["gt"] = bad["gt"].at[0, 0, 0, 0].set(jnp.nan)
+    new, metrics = step(state, bad)
+    assert not bool(metrics["finite"])
+    for name in ("params", "opt_state", "ema"):
+        before, after = jax.tree.leaves(state[name]), jax.tree.leaves(new[name])
+        assert len(before) == len(after)
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert int(new["step"]) == 1  # the step still counts, and the key moves on
+
+
+def test_ema_update_by_hand(paper_step):
+    """ema <- decay ema + (1 - decay) params after each update (two steps: the first has a zero learning rate)."""
+    state, step, t = paper_step
+    for _ in range(2):
+        new, metrics = step(state, batch(1, size=16))
+        assert bool(metrics["finite"])
+        for e, p, got in zip(jax.tree.leaves(state["ema"]), jax.tree.leaves(new["params"]), jax.tree.leaves(new["ema"])):
+            want = t.ema_decay * np.asarray(e, np.float64) + (1 - t.ema_decay) * np.asarray(p, np.float64)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
+        state, before = new, state
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["params"]),
+                                                          jax.tree.leaves(state["params"])))
+
+
+def test_text_dropout_rate(monkeypatch):
+    """The empty prompt replaces the prompt for a text_dropout fraction of the samples (binomial bounds), and
+    every row is exactly one of the two embeddings."""
+    cfg = demo_config("--config.data.resolution=16", "--config.train.text_dropout=0.1")
+    system = face_system.build(cfg)
+    seen = []
+
+    def fake_model(self, z, x_deg, x_refs, text, sigma, e_id, *, grid):
+        seen.append(np.asarray(text))
+        return z
+
+    monkeypatch.setattr(iconface.IConFace, "__call__", fake_model)
+    monkeypatch.setattr(face_system.FaceSystem, "anchor", lambda self, deg, refs: jnp.ones((deg.shape[0], 512)))
+    graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
+    n = 1000
+    train.loss_fn(params, rest, graphdef, batch(0, size=16, b=n), jax.random.key(0), cfg.train)
+    text = seen[0]
+    empty = np.all(text == np.asarray(system.empty[...])[None], axis=(1, 2))
+    prompt = np.all(text == np.asarray(system.prompt[...])[None], axis=(1, 2))
+    assert np.all(empty ^ prompt)
+    std = math.sqrt(n * 0.1 * 0.9)
+    assert abs(empty.sum() - 0.1 * n) < 4 * std, empty.sum()
+
+
+def test_warmup_cosine_adamw_with_clipping_by_hand():
+    """make_optimizer's updates against AdamW written out: global-norm clipping, bias-corrected moments, decoupled
+    weight decay, a learning rate rising linearly over the warmup and then following a cosine to zero."""
+    cfg = demo_config("--config.train.steps=10", "--config.train.warmup_steps=3", "--config.train.learning_rate=0.1",
+                      "--config.train.weight_decay=0.01", "--config.train.grad_clip=1.0")
+    t = cfg.train
+    tx = train.make_optimizer(t)
+    rng = np.random.default_rng(0)
+    p = {"a": rng.standard_normal((3, 2)), "b": rng.standard_normal(4)}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
+    opt_state = tx.init(params)
+    for step in range(t.steps):
+        scale = 3.0 if step % 2 else 0.1  # alternate clipped and unclipped gradients
+        raw = {k: scale * rng.standard_normal(x.shape) for k, x in p.items()}
+        norm = math.sqrt(sum(float(np.sum(x * x)) for x in raw.values()))
+        g = {k: x * min(1.0, t.grad_clip / norm) for k, x in raw.items()}
+        if step < t.warmup_steps:
+            lr = t.learning_rate * step / t.warmup_steps
+        else:
+            lr = t.learning_rate * 0.5 * (1 + math.cos(math.pi * (step - t.warmup_steps) / (t.steps - t.warmup_steps)))
+        for k in p:
+            m[k] = 0.9 * m[k] + 0.1 * g[k]
+            v[k] = 0.999 * v[k] + 0.001 * g[k] ** 2
+            m_hat, v_hat = m[k] / (1 - 0.9 ** (step + 1)), v[k] / (1 - 0.999 ** (step + 1))
+            p[k] = p[k] - lr * (m_hat / (np.sqrt(v_hat) + 1e-8) + t.weight_decay * p[k])
+        updates, opt_state = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), raw), opt_state, params)
+        params = optax.apply_updates(params, updates)
+        for k in p:
+            np.testing.assert_allclose(np.asarray(params[k]), p[k], rtol=1e-5, atol=1e-6, err_msg=f"step {step}")

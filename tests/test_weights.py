@@ -67,3 +67,29 @@ def test_restore_casts_to_the_model_dtype_like_numpy(tmp_path):
         got = np.asarray(var.get_value())
         assert got.dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(got.view(np.uint16), params[key].astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+class Wider(nnx.Module):
+    def __init__(self):
+        self.a = nnx.Linear(16, 48, rngs=nnx.Rngs(0))
+        self.b = nnx.Linear(48, 8, rngs=nnx.Rngs(1))
+
+
+class Deeper(Tiny):
+    def __init__(self):
+        super().__init__()
+        self.c = nnx.Linear(8, 8, rngs=nnx.Rngs(2))
+
+
+def test_weights_that_do_not_fit_the_model_are_named(tmp_path):
+    """A directory whose parameters have other shapes or other names than the model's: the error names the
+    directory, the parameter and both shapes (or the missing and unexpected names); the model is not touched."""
+    weights.save(str(tmp_path / "w"), "tiny", {}, _params(0))
+    model = Wider()
+    before = np.asarray(model.a.kernel[...]).copy()
+    with pytest.raises(weights.WeightsError, match=r"/w: a.bias has shape \(32,\), the model expects \(48,\)"):
+        weights.restore(model, str(tmp_path / "w"))
+    np.testing.assert_array_equal(np.asarray(model.a.kernel[...]), before)
+    with pytest.raises(weights.WeightsError, match=r"/w: parameters do not fit the model; missing \['c.bias', "
+                                                   r"'c.kernel'\], unexpected \[\]"):
+        weights.restore(Deeper(), str(tmp_path / "w"))

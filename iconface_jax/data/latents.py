@@ -26,6 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from iconface_jax.data.catalog import make_source
 from iconface_jax.data.sources import ImageError, Key, decode
 
 ARRAY, KEYS, META = "latents.npy", "keys.json", "meta.json"
@@ -45,12 +46,11 @@ def clean_keys(records: Iterable) -> list[Key]:
 
 def precompute(cfg: ml_collections.ConfigDict, out: str, batch_size: int = 16) -> dict:
     """Encodes every clean image of `cfg.data`'s source with `cfg.model`'s autoencoder into `out`."""
-    from iconface_jax import system as face_system  # (not at import: the pipeline imports this module)
-    from iconface_jax.data import pipeline
+    from iconface_jax import system as face_system  # (not at import: the input pipeline needs no model code)
 
     if os.path.exists(out):
         raise FileExistsError(f"{out} already exists; choose a new --out")
-    source = pipeline.make_source(cfg.data)
+    source = make_source(cfg.data)
     keys = clean_keys(source.records)
     autoencoder = face_system.build_autoencoder(cfg.model)
     codec = face_system.codec_of(autoencoder)

@@ -29,9 +29,8 @@ import ml_collections
 import numpy as np
 
 from iconface_jax.data import degrade, latents, references
-from iconface_jax.data.sources import (
-    ISSUE_KINDS, FFHQRefSource, FolderSource, ImageError, Key, Record, Source, TfdsSource, decode)
-from iconface_jax.data.synthetic import SyntheticSource
+from iconface_jax.data.catalog import make_source
+from iconface_jax.data.sources import ISSUE_KINDS, ImageError, Key, Record, Source, decode
 
 logger = logging.getLogger(__name__)
 
@@ -84,23 +83,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.tfds = ml_collections.ConfigDict(dict(
         name="", split="train", data_dir="", image_key="image", identity_key="identity"))
     return c
-
-
-def make_source(config: ml_collections.ConfigDict) -> Source:
-    """The source named by `config.source`."""
-    kind = config.source
-    if kind == "synthetic":
-        s = config.synthetic
-        return SyntheticSource(s.num_identities, s.images_per_identity, config.resolution, s.seed, s.first_identity)
-    if kind == "ffhq_ref":
-        s = config.ffhq_ref
-        return FFHQRefSource(s.csv, s.image_dir, s.lq_dir, s.ref_dir, s.split_file)
-    if kind == "folder":
-        return FolderSource(config.folder.root)
-    if kind == "tfds":
-        s = config.tfds
-        return TfdsSource(s.name, s.split, s.data_dir, s.image_key, s.identity_key)
-    raise ValueError(f"unknown data source {kind!r}: synthetic, ffhq_ref, folder or tfds")
 
 
 def validation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
