@@ -2,6 +2,9 @@
 
 All backends take q, k, v as (batch, length, heads, head_dim) and an optional key mask (batch, kv_len)
 that is True where a key may be attended to; softmax statistics are float32 in every backend.
+cuDNN takes only 16- and 8-bit floats: other dtypes take the XLA path. Splash is a Mosaic kernel, which
+XLA cannot partition: under a mesh (`jax.set_mesh` / `use_abstract_mesh`) it runs per chip in a
+`shard_map` over the mesh axes that split the batch, heads and sequence whole on each chip.
 """
 from __future__ import annotations
 
@@ -9,8 +12,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
 BACKENDS = ("xla", "cudnn", "splash")
+CUDNN_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float8_e4m3fn, jnp.float8_e5m2)  # fused_attention_stablehlo's
+BATCH_AXES = ("data", "fsdp")  # sharding.BATCH_AXES (not imported: models do not depend on the trainer)
 
 
 def default_backend() -> str:
@@ -25,11 +32,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | No
     backend = backend or default_backend()
     if backend == "xla":
         return _xla(q, k, v, key_mask)
+    if backend == "cudnn" and q.dtype not in CUDNN_DTYPES:
+        backend = "xla"  # cuDNN raises NotImplementedError on float32: a float32 run on a GPU takes XLA
     if backend == "cudnn":
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     if backend == "splash":
-        return _splash(q, k, v, key_mask)
+        return _splash_sharded(q, k, v, key_mask)
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
 
 
@@ -39,6 +48,18 @@ def _xla(q, k, v, key_mask):
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def _splash_sharded(q, k, v, key_mask):
+    """Splash per chip over the context mesh's batch axes (whole on every chip where they do not divide B)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes:
+        return _splash(q, k, v, key_mask)
+    spec = P(axes) if q.shape[0] % int(np.prod([mesh.shape[a] for a in axes])) == 0 else P()
+    args = (q, k, v) + (() if key_mask is None else (key_mask,))
+    per_chip = lambda q, k, v, mask=None: _splash(q, k, v, mask)  # noqa: E731
+    return jax.shard_map(per_chip, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
 
 
 def _splash(q, k, v, key_mask):
