@@ -17,7 +17,8 @@ from jax.sharding import PartitionSpec as P
 
 BACKENDS = ("xla", "cudnn", "splash")
 CUDNN_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float8_e4m3fn, jnp.float8_e5m2)  # fused_attention_stablehlo's
-BATCH_AXES = ("data", "fsdp")  # sharding.BATCH_AXES (not imported: models do not depend on the trainer)
+BATCH_AXES = ("data", "fsdp")
+SPLASH_BLOCK = 128  # splash's default block sizes  # sharding.BATCH_AXES (not imported: models do not depend on the trainer)
 
 
 def default_backend() -> str:
@@ -66,9 +67,16 @@ def _splash(q, k, v, key_mask):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    _, lq, heads, dim = q.shape
+    b, lq, heads, dim = q.shape
     lk = k.shape[1]
-    mask = sm.MultiHeadMask([sm.FullMask((lq, lk)) for _ in range(heads)])
+    # Splash's blocks (128) must divide both lengths: pad them, mask the padded keys, drop the padded queries.
+    pad_q, pad_k = -lq % SPLASH_BLOCK, -lk % SPLASH_BLOCK
+    if pad_k:
+        key_mask = jnp.ones((b, lk), bool) if key_mask is None else key_mask
+        key_mask = jnp.pad(key_mask, ((0, 0), (0, pad_k)))
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731
+    q, k, v = pad(q, pad_q), pad(k, pad_k), pad(v, pad_k)
+    mask = sm.MultiHeadMask([sm.FullMask((lq + pad_q, lk + pad_k)) for _ in range(heads)])
     kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
     # splash takes (heads, length, dim) per example and does not scale q.
     q = (q / math.sqrt(dim)).astype(q.dtype).transpose(0, 2, 1, 3)
@@ -77,6 +85,6 @@ def _splash(q, k, v, key_mask):
         out = jax.vmap(kernel)(q, k, v)
     else:
         # Masked keys get segment 1, queries segment 0: a key is visible iff its segment matches.
-        ids = sk.SegmentIds(q=jnp.zeros((q.shape[0], lq), jnp.int32), kv=(~key_mask).astype(jnp.int32))
+        ids = sk.SegmentIds(q=jnp.zeros((b, lq + pad_q), jnp.int32), kv=(~key_mask).astype(jnp.int32))
         out = jax.vmap(lambda a, b, c, s: kernel(a, b, c, segment_ids=s))(q, k, v, ids)
-    return out.transpose(0, 2, 1, 3)
+    return out.transpose(0, 2, 1, 3)[:, :lq]
