@@ -31,6 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from iconface_jax import restore, sharding, system as face_system, train  # noqa: E402 - train defines --config
 from iconface_jax.flops import model_flops  # noqa: E402
+from iconface_jax.models.attention import CUDNN_DTYPES  # noqa: E402
+from iconface_jax.models.layers import Precision  # noqa: E402
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "target: v4-8, v5e-64, v5p-128, v6e-64, ... or h100-1, h100-8")
 _OUT = flags.DEFINE_string("out", "", "write the plan as JSON here")
@@ -135,11 +137,12 @@ def abstract_config(cfg):
     return cfg
 
 
-def compile_plan(cfg, target: Target, devices: list | None = None) -> dict:
-    """Compiles the train step for R = 0..3 and the restoration for `target`; the plan as `main` writes it."""
+def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3), restoration: bool = True) -> dict:
+    """Compiles the train step for each reference count and the restoration for `target`; the plan as `main`
+    writes it."""
     cfg = abstract_config(cfg)
     cfg.model.attention = cfg.model.attention or {"tpu": "splash", "cuda": "cudnn"}[target.platform]
-    devices = target_devices(target) if devices is None else devices
+    devices = target_devices(target)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices)
     t, size = cfg.train, cfg.data.resolution
     if t.batch_size % len(devices):
@@ -152,20 +155,23 @@ def compile_plan(cfg, target: Target, devices: list | None = None) -> dict:
     image = lambda *lead: jax.ShapeDtypeStruct((*lead, size, size, 3), jnp.float32)  # noqa: E731
     tokens = train._tokens_per_image(system, (size, size))
     backbone, text_len = system.model.backbone.config, system.prompt.shape[0]
-    kernel_attention = cfg.model.attention in ("splash", "cudnn")  # custom calls XLA's cost model cannot see
+    # Splash and cuDNN (bf16/fp16/fp8 only; float32 takes XLA) are custom calls XLA's cost model cannot see.
+    dtype = Precision.named(cfg.model.precision).dtype
+    kernel_attention = cfg.model.attention == "splash" or (cfg.model.attention == "cudnn" and dtype in CUDNN_DTYPES)
     rows = []
-    for refs in range(4):
+    for refs in references:
         batch = dict(gt=image(t.batch_size), deg=image(t.batch_size), refs=image(t.batch_size, refs),
                      num_refs=jax.ShapeDtypeStruct((t.batch_size,), jnp.int32))
         attention = t.batch_size * 3.5 * model_flops(backbone, text_len, (2 + refs) * tokens)[1] / len(devices)
         rows.append(_measure(f"train R={refs}", refs, t.batch_size, step, (state, rest, batch), mesh, target,
                              attention if kernel_attention else 0.0))
-    restore_fn = _jit_restore(graphdef, cfg, mesh, params, rest)
-    refs, steps = 3, cfg.log.sample_steps
-    args = (params, rest, image(1), image(1, refs), jax.ShapeDtypeStruct((2,), jnp.uint32))
-    attention = 2 * steps * model_flops(backbone, text_len, (2 + refs) * tokens)[1]  # both guidance branches
-    rows.append(_measure(f"restore {steps} steps", refs, 1, restore_fn, args, mesh, target,
-                         attention if kernel_attention else 0.0))
+    if restoration:
+        restore_fn = _jit_restore(graphdef, cfg, mesh, params, rest)
+        refs, steps = 3, cfg.log.sample_steps
+        args = (params, rest, image(1), image(1, refs), jax.ShapeDtypeStruct((2,), jnp.uint32))
+        attention = 2 * steps * model_flops(backbone, text_len, (2 + refs) * tokens)[1]  # both guidance branches
+        rows.append(_measure(f"restore {steps} steps", refs, 1, restore_fn, args, mesh, target,
+                             attention if kernel_attention else 0.0))
     return dict(topology=target.name, devices=len(devices), hbm_gb=target.chip.hbm_gb, programs=rows,
                 mesh=dict(mesh.shape), attention=cfg.model.attention, remat=cfg.model.remat,
                 remat_decoder=cfg.model.autoencoder.remat_decoder, peak_tflops=target.chip.peak_tflops,
@@ -187,8 +193,11 @@ def _jit_restore(graphdef, cfg, mesh, params, rest):
 def _measure(name: str, refs: int, global_batch: int, fn, args, mesh, target: Target, kernel_flops: float) -> dict:
     """Compiles `fn` for `args` under the mesh; memory per chip as XLA plans it, FLOPs and bytes per chip."""
     start = time.perf_counter()
+    # Without a device XLA:GPU cannot autotune its Triton GEMM tilings, and for some float32 dots its default
+    # finds none ("Couldn't find output tile sizes"): compile those dots as cuBLAS calls.
+    options = {"xla_gpu_enable_triton_gemm": False} if target.platform == "cuda" else {}
     with jax.set_mesh(mesh):
-        compiled = fn.lower(*args).compile()
+        compiled = fn.lower(*args).compile(options)
     compile_s = time.perf_counter() - start
     m = compiled.memory_analysis()
     cost = _cost(compiled, target)

@@ -31,10 +31,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | No
               backend: str | None = None) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v over (B, L, H, D) inputs; returns (B, Lq, H, D) in q's dtype."""
     backend = backend or default_backend()
-    if backend == "xla":
-        return _xla(q, k, v, key_mask)
     if backend == "cudnn" and q.dtype not in CUDNN_DTYPES:
         backend = "xla"  # cuDNN raises NotImplementedError on float32: a float32 run on a GPU takes XLA
+    if backend == "xla":
+        return _xla(q, k, v, key_mask)
     if backend == "cudnn":
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
