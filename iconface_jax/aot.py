@@ -90,13 +90,14 @@ class Target:
 
 
 def _pow2_dims(chips: int, rank: int) -> tuple[int, ...]:
-    """A slice's torus shape: powers of two, as even as they go, ascending (8 -> 2x4, 64 -> 4x4x4)."""
+    """A slice's torus shape as Cloud TPU names it: powers of two, as even as they go, ascending with unit
+    axes last (8 -> 2x4, 4 -> 2x2x1, 64 -> 4x4x4, 128 -> 4x4x8)."""
     dims = [1] * rank
     axis = 0
     while math.prod(dims) < chips:
         dims[axis % rank] *= 2
         axis += 1
-    return tuple(sorted(dims))
+    return tuple(sorted(dims, key=lambda d: (d == 1, d)))
 
 
 def parse_target(name: str) -> Target:
@@ -124,6 +125,7 @@ def target_devices(target: Target) -> list:
     # libtpu reads the slice from these at load and warns about each one it cannot determine.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{target.chip.accelerator_type}-{target.chips}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only uses no chip: others may load it too
     chip_config = "megacore" if target.chip.cores_per_name == 2 else "default"  # one device per chip
     return topologies.get_topology_desc(platform="tpu", topology_name=target.topology, chip_config_name=chip_config,
                                         chips_per_host_bounds=target.host_bounds, num_slices=1).devices
@@ -153,7 +155,8 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
     state = jax.eval_shape(lambda p: train.init_state(p, tx, t, cfg.seed), params)
     step = train.jit_train_step(graphdef, tx, t, mesh, state, rest)
     image = lambda *lead: jax.ShapeDtypeStruct((*lead, size, size, 3), jnp.float32)  # noqa: E731
-    tokens = train._tokens_per_image(system, (size, size))
+    encode = lambda p, r, x: nnx.merge(graphdef, p, r).encode(x)  # noqa: E731 - the system is abstract
+    tokens = jax.eval_shape(encode, params, rest, image(1)).shape[1]
     backbone, text_len = system.model.backbone.config, system.prompt.shape[0]
     # Splash and cuDNN (bf16/fp16/fp8 only; float32 takes XLA) are custom calls XLA's cost model cannot see.
     dtype = Precision.named(cfg.model.precision).dtype
