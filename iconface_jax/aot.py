@@ -184,7 +184,7 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
 def _jit_restore(graphdef, cfg, mesh, params, rest):
     """The sample grids' guided restoration on the trainer's mesh and weight shardings (one face, R = 3)."""
     replicated = NamedSharding(mesh, P())
-    frozen = jax.tree.map(lambda x: NamedSharding(mesh, sharding.param_spec(x.shape, mesh.shape["fsdp"])), rest)
+    frozen = sharding.param_shardings(rest, mesh)
 
     def run(params, rest, degraded, references, key):
         return restore.restore(nnx.merge(graphdef, params, rest), degraded, references, key,

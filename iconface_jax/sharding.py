@@ -42,10 +42,14 @@ def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**16) -> P:
     return P()
 
 
+def param_shardings(tree, mesh: Mesh):
+    """The fsdp sharding of every array (or abstract array) of `tree`."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, mesh.shape["fsdp"])), tree)
+
+
 def shard_params(tree, mesh: Mesh):
     """Places every array of `tree` with its fsdp sharding."""
-    fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, param_spec(x.shape, fsdp))), tree)
+    return jax.device_put(tree, param_shardings(tree, mesh))
 
 
 def replicate(tree, mesh: Mesh):

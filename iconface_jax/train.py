@@ -156,7 +156,7 @@ def jit_train_step(graphdef, tx: optax.GradientTransformation, t: ml_collections
     `state` and `rest` may be abstract: `iconface_jax.aot` lowers this same function for other targets.
     Call it under `jax.set_mesh(mesh)` (splash attention runs per chip in a shard_map over that mesh)."""
     replicated = NamedSharding(mesh, P())
-    frozen = jax.tree.map(lambda x: NamedSharding(mesh, sharding.param_spec(x.shape, mesh.shape["fsdp"])), rest)
+    frozen = sharding.param_shardings(rest, mesh)
     state_shardings = jax.tree.map(lambda _: replicated, state)
     return jax.jit(partial(train_step, graphdef=graphdef, tx=tx, t=t), donate_argnums=(0,),
                    in_shardings=(state_shardings, frozen, sharding.batch_sharding(mesh)),
