@@ -247,7 +247,8 @@ def print_plan(plan: dict, target: Target) -> None:
 def too_big(plan: dict) -> list[str]:
     """The programs that do not fit the chip's HBM, each with its numbers."""
     return [f"{r['name']}: {r['total_gb']} GB per chip (arguments {r['arguments_gb']}, temporaries {r['temp_gb']}) "
-            f"> {plan['hbm_gb']} GB HBM on {plan['topology']}" for r in plan["programs"] if r["total_gb"] > plan["hbm_gb"]]
+            f"> {plan['hbm_gb']} GB HBM on {plan['topology']}"
+            for r in plan["programs"] if r["total_gb"] > plan["hbm_gb"]]
 
 
 def main(argv) -> None:

@@ -17,8 +17,8 @@ from jax.sharding import PartitionSpec as P
 
 BACKENDS = ("xla", "cudnn", "splash")
 CUDNN_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float8_e4m3fn, jnp.float8_e5m2)  # fused_attention_stablehlo's
-BATCH_AXES = ("data", "fsdp")
-SPLASH_BLOCK = 128  # splash's default block sizes  # sharding.BATCH_AXES (not imported: models do not depend on the trainer)
+BATCH_AXES = ("data", "fsdp")  # sharding.BATCH_AXES (not imported: models do not depend on the trainer)
+SPLASH_BLOCK = 128  # splash's default block sizes
 
 
 def default_backend() -> str:
