@@ -24,37 +24,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from iconface_jax import flow, sequence, text
+from iconface_jax import flow, restore, sequence, text, train
+from iconface_jax.flops import measure_peak, model_flops, train_flops
 from iconface_jax.models import adaface, flux2, iconface, lora, vae
 from iconface_jax.models.layers import Precision
 from iconface_jax.system import FaceSystem
-
-
-def model_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int, cached_len: int = 0) -> tuple[float, float]:
-    """Forward FLOPs of one sample, (linear, attention), DESIGN.md's formulas for any preset; `cached_len`
-    more keys come from a reference cache."""
-    d, m = cfg.hidden_size, cfg.mlp_hidden
-    per_token = 4 * d * d + 3 * d * m  # q, k, v, out + SwiGLU in (2m) and out (m)
-    length, blocks = text_len + image_len, cfg.num_layers + cfg.num_single_layers
-    return 2.0 * length * per_token * blocks, 4.0 * length * (length + cached_len) * d * blocks
-
-
-def train_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int) -> float:
-    """A LoRA step on a frozen base: ~2x the linear forward (no weight gradients) + 3.5x attention."""
-    lin, att = model_flops(cfg, text_len, image_len)
-    return 2 * lin + 3.5 * att
-
-
-def measure_peak(dtype: jnp.dtype, n: int) -> float:
-    """Matmul FLOP/s of this device, from an (n x n) @ (n x n) product."""
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    reps, start = 10, time.perf_counter()
-    for _ in range(reps):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def _timed(fn, steps: int) -> float:
@@ -182,8 +156,6 @@ def face_system(cfg: flux2.Flux2Config, precision: Precision, on_cpu: bool, text
 def bench_full(system: FaceSystem, cfg, batch: int, refs: int, grid: int, text_len: int, steps: int,
                restore_steps: int) -> list[dict]:
     """(b) the full IConFace training step and (c) a guided restoration, wall time including VAE encode/decode."""
-    from iconface_jax import restore, train
-
     stride = vae.token_grid(system.autoencoder.config, 256, 256)
     size = grid * 256 // stride[0]
     key = jax.random.key(batch * 10 + refs + 1)

@@ -19,16 +19,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
-    """A (data, fsdp) mesh over all devices of all processes; -1 means 'the rest'."""
-    n = jax.device_count()
+def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all devices of all processes); -1 means 'the rest'."""
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
     if data == -1:
         if fsdp < 1 or n % fsdp:
             raise ValueError(f"mesh fsdp={fsdp} does not divide the {n} devices")
         data = n // fsdp
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not match the {n} devices")
-    return Mesh(np.asarray(jax.devices()).reshape(data, fsdp), ("data", "fsdp"))
+    return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
 
 
 def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**16) -> P:
@@ -41,10 +42,14 @@ def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**16) -> P:
     return P()
 
 
+def param_shardings(tree, mesh: Mesh):
+    """The fsdp sharding of every array (or abstract array) of `tree`."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, mesh.shape["fsdp"])), tree)
+
+
 def shard_params(tree, mesh: Mesh):
     """Places every array of `tree` with its fsdp sharding."""
-    fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, param_spec(x.shape, fsdp))), tree)
+    return jax.device_put(tree, param_shardings(tree, mesh))
 
 
 def replicate(tree, mesh: Mesh):

@@ -92,6 +92,9 @@ def build(cfg: ml_collections.ConfigDict) -> FaceSystem:
 def build_autoencoder(m: ml_collections.ConfigDict):
     """The codec of a config's `model` section: the FLUX.2 VAE or the demo's patchify codec."""
     precision = Precision.named(m.precision)
+    if m.autoencoder.kind == "vae" and not m.autoencoder.weights:  # random, as every other part without weights
+        config = dataclasses.replace(vae.DEFAULT, remat_decoder=m.autoencoder.remat_decoder)
+        return vae.init(config, dtype=precision.dtype, param_dtype=precision.param_dtype)
     if m.autoencoder.kind == "vae":
         return vae.load(m.autoencoder.weights, dtype=precision.dtype, param_dtype=precision.param_dtype,
                         remat_decoder=m.autoencoder.remat_decoder)

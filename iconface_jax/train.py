@@ -22,9 +22,10 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from iconface_jax import bench, checkpointing, flow, losses, restore, sampling, sharding
+from iconface_jax import checkpointing, flops, flow, losses, restore, sampling, sharding
 from iconface_jax import system as face_system
 from iconface_jax.data import latents, pipeline
 from iconface_jax.models import flux2, iconface
@@ -158,6 +159,27 @@ def train_step(state, rest, batch, *, graphdef, tx, t):
     return new, dict(metrics, finite=finite, grad_norm=optax.tree.norm(grads))
 
 
+def init_state(params, tx: optax.GradientTransformation, t: ml_collections.ConfigDict, seed: int) -> dict:
+    """The training state: trainable parameters, optimizer state, step, key and (with `t.ema_decay`) EMA."""
+    state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(seed))
+    if t.ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    return state
+
+
+def jit_train_step(graphdef, tx: optax.GradientTransformation, t: ml_collections.ConfigDict, mesh, state, rest):
+    """The jitted step (state, rest, batch) -> (state, metrics) with its shardings: training state replicated,
+    frozen weights over fsdp (`sharding.param_spec`), the batch over data and fsdp; the state donated.
+    `state` and `rest` may be abstract: `iconface_jax.aot` lowers this same function for other targets.
+    Call it under `jax.set_mesh(mesh)` (splash attention runs per chip in a shard_map over that mesh)."""
+    replicated = NamedSharding(mesh, P())
+    frozen = sharding.param_shardings(rest, mesh)
+    state_shardings = jax.tree.map(lambda _: replicated, state)
+    return jax.jit(partial(train_step, graphdef=graphdef, tx=tx, t=t), donate_argnums=(0,),
+                   in_shardings=(state_shardings, frozen, sharding.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated))
+
+
 def sample_grid(system, preview, key, log_cfg) -> np.ndarray:
     """Rows of degraded | first reference | restored without references | restored with them | ground truth."""
     deg, refs, gt = (jnp.asarray(preview[k][: log_cfg.sample_count]) for k in ("deg", "refs", "gt"))
@@ -194,6 +216,7 @@ def main(argv) -> None:
     init_distributed()
     validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    jax.set_mesh(mesh)  # the context of every program this run compiles (splash attention shards over it)
     t, log = cfg.train, cfg.log
     os.makedirs(cfg.workdir, exist_ok=True)
     is_chief = jax.process_index() == 0
@@ -206,10 +229,7 @@ def main(argv) -> None:
     rest = sharding.shard_params(rest, mesh)
     params = sharding.replicate(params, mesh)
     tx = make_optimizer(t)
-    state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-                 key=jax.random.PRNGKey(cfg.seed))
-    if t.ema_decay > 0:
-        state["ema"] = jax.tree.map(jnp.copy, params)
+    state = init_state(params, tx, t, cfg.seed)
     n_params = sum(x.size for x in jax.tree.leaves(params))
 
     data = pipeline.make_iterator(cfg.data, global_batch_size=t.batch_size, seed=cfg.seed)
@@ -221,7 +241,7 @@ def main(argv) -> None:
         data.set_state(data_state)
         print(f"resumed from step {start_step} in {cfg.workdir}", flush=True)
 
-    step_fn = jax.jit(partial(train_step, graphdef=graphdef, tx=tx, t=t), donate_argnums=(0,))
+    step_fn = jit_train_step(graphdef, tx, t, mesh, state, rest)
     preview = preview_batch(cfg) if is_chief else None
     writer = metrics_file = None
     if is_chief:
@@ -233,7 +253,7 @@ def main(argv) -> None:
 
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    peak = bench.measure_peak(Precision.named(cfg.model.precision).dtype, 512)
+    peak = flops.measure_peak(Precision.named(cfg.model.precision).dtype, 512)
     bb = system.model.backbone.config
     tokens_per_image = _tokens_per_image(system, (cfg.data.resolution, cfg.data.resolution))
     nonfinite, window_start, window_steps, window_flops = 0, time.perf_counter(), 0, 0.0
@@ -255,7 +275,7 @@ def main(argv) -> None:
             # for them never leaves the device idle while the host loads, logs or dispatches.
             done_step, done_metrics, done_refs = done
             window_steps += 1
-            window_flops += t.batch_size * bench.train_flops(bb, system.prompt.shape[0], (2 + done_refs) * tokens_per_image)
+            window_flops += t.batch_size * flops.train_flops(bb, system.prompt.shape[0], (2 + done_refs) * tokens_per_image)
             if not bool(done_metrics["finite"]):
                 nonfinite += 1
                 print(f"step {done_step}: non-finite loss or gradient, update skipped ({nonfinite} in a row)", flush=True)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from flax import nnx
 
-from iconface_jax import bench
+from iconface_jax import bench, flops
 from iconface_jax.models import flux2, lora
 from iconface_jax.models.layers import Precision
 
@@ -29,11 +29,11 @@ def test_bench_tiny(tmp_path, capsys):
 def test_flop_formula_matches_design():
     # DESIGN.md: linear 2 L x 122.6M x 25 blocks, attention 4 L^2 x 3072 x 25 for klein-base-4B.
     cfg = flux2.PRESETS["klein-base-4b"]
-    lin, att = bench.model_flops(cfg, 512, 1024 * 5)
+    lin, att = flops.model_flops(cfg, 512, 1024 * 5)
     assert abs(lin / (2 * 5632 * 25) / 122.6e6 - 1) < 1e-3
     assert att == 4 * 5632**2 * 3072 * 25
     # With the reference cache a step has 512 + 1024 queries over 5632 keys.
-    assert bench.model_flops(cfg, 512, 1024, cached_len=4096)[1] == 4 * 1536 * 5632 * 3072 * 25
+    assert flops.model_flops(cfg, 512, 1024, cached_len=4096)[1] == 4 * 1536 * 5632 * 3072 * 25
 
 
 def test_plan_compiles_from_abstract_shapes(tmp_path, capsys):

@@ -54,3 +54,56 @@ def test_error_is_raised_at_its_position():
     with pytest.raises(OSError, match="batch 2 unreadable"):
         next(batches)
     assert not _threads()
+
+
+SPLASH_PARITY = """
+import functools, json
+import jax, jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+from jax.sharding import NamedSharding, PartitionSpec as P
+from iconface_jax import sharding
+from iconface_jax.models import attention
+
+sk.make_splash_mha = functools.partial(sk.make_splash_mha, interpret=True)  # Pallas' interpreter on CPU
+mesh = sharding.make_mesh(data=2, fsdp=2)
+errors, jaxprs = [], {}
+for B in (4, 2):  # split over the 4 chips; whole on each (2 does not divide over 4)
+    L, H, D = 136, 2, 64  # not a multiple of the 128-token blocks: padded
+    q, k, v = (jax.random.normal(key, (B, L, H, D), jnp.float32) for key in jax.random.split(jax.random.key(B), 3))
+    mask = jnp.arange(L)[None] < jnp.asarray([136, 100, 64, 1][:B])[:, None]
+    placed = NamedSharding(mesh, P(sharding.BATCH_AXES) if B == 4 else P())
+    q, k, v, mask = (jax.device_put(x, placed) for x in (q, k, v, mask))
+    weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32).reshape(q.shape))
+    for m in (None, mask):
+        def loss(backend, q, k, v):
+            return (attention.attention(q, k, v, m, backend=backend) * weights).sum()
+        step = jax.jit(jax.value_and_grad(functools.partial(loss, "splash"), (0, 1, 2)))
+        with jax.set_mesh(mesh):
+            got = step(q, k, v)
+            jaxprs.setdefault(B, []).append(str(jax.make_jaxpr(step)(q, k, v)))
+        want = jax.jit(jax.value_and_grad(functools.partial(loss, "xla"), (0, 1, 2)))(q, k, v)
+        errors += [float(jnp.abs(a - b).max() / jnp.abs(b).max())
+                   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
+print(json.dumps(dict(errors=errors, jaxprs=jaxprs)))
+"""
+
+
+def test_splash_under_a_mesh_equals_xla():
+    """Splash (Pallas interpret mode) on a 2x2 (data, fsdp) CPU mesh equals the xla backend, forward and
+    gradients, with and without a key mask; it runs in a shard_map, on B/4 examples per chip where the
+    batch axes divide B and on all of them where they do not."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", SPLASH_PARITY], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert len(result["errors"]) == 16 and max(result["errors"]) < 1e-5, result["errors"]
+    for batch, per_chip in [("4", "f32[1,136,2,64]"), ("2", "f32[2,136,2,64]")]:
+        for jaxpr in result["jaxprs"][batch]:
+            assert "shard_map" in jaxpr and per_chip in jaxpr, jaxpr[:2000]

@@ -1,0 +1,269 @@
+"""`python -m iconface_jax.aot --config configs/iconface_klein4b.py --topology v5e-64 [--out plan.json]`:
+compile the trainer's programs for a TPU slice or an H100 host that is not here.
+
+XLA compiles for accelerators it cannot run on: libtpu (the `tpu` extra) describes any Cloud TPU slice
+and the CUDA plugin (`cuda-aot`) an H100 host. From abstract shapes (no weights read or allocated) this
+lowers exactly what training compiles, through the trainer's own `train.jit_train_step` (its mesh,
+shardings, donation and remat), for each reference count R = 0..3, and the guided restoration of the
+sample grids; it prints each program's memory plan per chip, its FLOPs and a roofline, writes them as
+JSON and exits non-zero, naming the program, when one does not fit the chip's memory.
+"""
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":  # compile-only, before JAX is imported: the CUDA plugin must not look for a GPU
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from iconface_jax import restore, sharding, system as face_system, train  # noqa: E402 - train defines --config
+from iconface_jax.flops import model_flops  # noqa: E402
+from iconface_jax.models.attention import CUDNN_DTYPES  # noqa: E402
+from iconface_jax.models.layers import Precision  # noqa: E402
+
+_TOPOLOGY = flags.DEFINE_string("topology", None, "target: v4-8, v5e-64, v5p-128, v6e-64, ... or h100-1, h100-8")
+_OUT = flags.DEFINE_string("out", "", "write the plan as JSON here")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Published facts about one accelerator chip (per chip, bf16 dense peak)."""
+    hbm_gb: float  # GiB of HBM
+    peak_tflops: float  # bf16 dense matmul TFLOP/s
+    hbm_tb_s: float  # HBM bandwidth, TB/s
+    cores_per_name: int  # the slice name counts TensorCores (2 per chip) or chips (1)
+    libtpu_name: str  # topology prefix libtpu takes; "" for GPUs
+    accelerator_type: str  # TPU_ACCELERATOR_TYPE prefix of a real slice
+    single_host_chips: int  # the largest slice on one host; larger ones have 4 chips (2x2x1) per host
+    source: str
+
+
+# Sources: Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e: "Chip
+# specifications") and NVIDIA's H100 Tensor Core GPU datasheet (SXM5: 989 TFLOP/s bf16 dense, 80 GB at 3.35 TB/s).
+CHIPS = {
+    "v4": Chip(32, 275, 1.2, 2, "v4", "v4", 4, "cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip(16, 197, 0.819, 1, "v5e", "v5litepod", 8, "cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip(95, 459, 2.765, 2, "v5p", "v5p", 4, "cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip(32, 918, 1.64, 1, "v6e", "v6e", 8, "cloud.google.com/tpu/docs/v6e"),
+    "h100": Chip(79.1, 989, 3.35, 1, "", "", 8, "NVIDIA H100 SXM5 datasheet; 79.1 GiB = device_memory_size"),
+}
+# The H100 (SXM5, 80 GB HBM3) as the CUDA plugin's compile-only topology takes it: a GpuTargetConfigProto
+# of hardware facts (the fields of openxla/xla's target_config/specs; this plugin build rejects
+# `collective_memory_granularity`, so it is left out).
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84942979072 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A named slice or host: its chip, chip count, and the topology arguments XLA takes."""
+    name: str
+    chip: Chip
+    platform: str  # "tpu" or "cuda"
+    chips: int
+    topology: str  # libtpu "v5e:8x8" or CUDA "1x1x8"
+    host_bounds: tuple[int, int, int]  # chips per host (TPU)
+
+
+def _pow2_dims(chips: int, rank: int) -> tuple[int, ...]:
+    """A slice's torus shape as Cloud TPU names it: powers of two, as even as they go, ascending with unit
+    axes last (8 -> 2x4, 4 -> 2x2x1, 64 -> 4x4x4, 128 -> 4x4x8)."""
+    dims = [1] * rank
+    axis = 0
+    while math.prod(dims) < chips:
+        dims[axis % rank] *= 2
+        axis += 1
+    return tuple(sorted(dims, key=lambda d: (d == 1, d)))
+
+
+def parse_target(name: str) -> Target:
+    """`vXX-N` (Cloud TPU slice names: N counts TensorCores on v4/v5p, chips on v5e/v6e) or `h100-N`."""
+    match = re.fullmatch(r"(v4|v5e|v5p|v6e|h100)-(\d+)", name)
+    if not match:
+        raise ValueError(f"--topology {name!r}: expected one of {sorted(CHIPS)} followed by -N, e.g. v5e-64, h100-8")
+    chip, count = CHIPS[match[1]], int(match[2])
+    chips = count // chip.cores_per_name
+    if chips < 1 or chips * chip.cores_per_name != count or chips & (chips - 1):
+        raise ValueError(f"--topology {name!r}: {count} is not a power-of-two slice of {match[1]}")
+    if match[1] == "h100":
+        hosts = max(1, chips // 8)
+        return Target(name, chip, "cuda", chips, f"1x{hosts}x{chips // hosts}", (1, 1, chips // hosts))
+    dims = _pow2_dims(chips, 3 if chip.cores_per_name == 2 else 2)
+    bounds = (*dims, 1)[:3] if chips <= chip.single_host_chips else (2, 2, 1)
+    return Target(name, chip, "tpu", chips, f"{chip.libtpu_name}:{'x'.join(map(str, dims))}", bounds)
+
+
+def target_devices(target: Target) -> list:
+    """The target's devices as a compile-only topology (all processes' devices: multi-host programs)."""
+    if target.platform == "cuda":
+        return topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG,
+                                            topology=target.topology).devices
+    # libtpu reads the slice from these at load and warns about each one it cannot determine.
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{target.chip.accelerator_type}-{target.chips}")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only uses no chip: others may load it too
+    chip_config = "megacore" if target.chip.cores_per_name == 2 else "default"  # one device per chip
+    return topologies.get_topology_desc(platform="tpu", topology_name=target.topology, chip_config_name=chip_config,
+                                        chips_per_host_bounds=target.host_bounds, num_slices=1).devices
+
+
+def abstract_config(cfg):
+    """The config with no weights read: random (abstract) parts of the same shapes, the target's attention."""
+    cfg = cfg.copy_and_resolve_references()
+    cfg.model.weights = cfg.model.autoencoder.weights = cfg.model.face_encoder.weights = ""
+    cfg.model.text.embeddings = ""
+    return cfg
+
+
+def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3), restoration: bool = True) -> dict:
+    """Compiles the train step for each reference count and the restoration for `target`; the plan as `main`
+    writes it."""
+    cfg = abstract_config(cfg)
+    cfg.model.attention = cfg.model.attention or {"tpu": "splash", "cuda": "cudnn"}[target.platform]
+    devices = target_devices(target)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices)
+    t, size = cfg.train, cfg.data.resolution
+    if t.batch_size % len(devices):
+        raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by the {len(devices)} chips")
+    system = nnx.eval_shape(lambda: face_system.build(cfg))
+    graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
+    tx = train.make_optimizer(t)
+    state = jax.eval_shape(lambda p: train.init_state(p, tx, t, cfg.seed), params)
+    step = train.jit_train_step(graphdef, tx, t, mesh, state, rest)
+    image = lambda *lead: jax.ShapeDtypeStruct((*lead, size, size, 3), jnp.float32)  # noqa: E731
+    encode = lambda p, r, x: nnx.merge(graphdef, p, r).encode(x)  # noqa: E731 - the system is abstract
+    tokens = jax.eval_shape(encode, params, rest, image(1)).shape[1]
+    backbone, text_len = system.model.backbone.config, system.prompt.shape[0]
+    # Splash and cuDNN (bf16/fp16/fp8 only; float32 takes XLA) are custom calls XLA's cost model cannot see.
+    dtype = Precision.named(cfg.model.precision).dtype
+    kernel_attention = cfg.model.attention == "splash" or (cfg.model.attention == "cudnn" and dtype in CUDNN_DTYPES)
+    rows = []
+    for refs in references:
+        batch = dict(gt=image(t.batch_size), deg=image(t.batch_size), refs=image(t.batch_size, refs),
+                     num_refs=jax.ShapeDtypeStruct((t.batch_size,), jnp.int32))
+        attention = t.batch_size * 3.5 * model_flops(backbone, text_len, (2 + refs) * tokens)[1] / len(devices)
+        rows.append(_measure(f"train R={refs}", refs, t.batch_size, step, (state, rest, batch), mesh, target,
+                             attention if kernel_attention else 0.0))
+    if restoration:
+        restore_fn = _jit_restore(graphdef, cfg, mesh, params, rest)
+        refs, steps = 3, cfg.log.sample_steps
+        args = (params, rest, image(1), image(1, refs), jax.ShapeDtypeStruct((2,), jnp.uint32))
+        attention = 2 * steps * model_flops(backbone, text_len, (2 + refs) * tokens)[1]  # both guidance branches
+        rows.append(_measure(f"restore {steps} steps", refs, 1, restore_fn, args, mesh, target,
+                             attention if kernel_attention else 0.0))
+    return dict(topology=target.name, devices=len(devices), hbm_gb=target.chip.hbm_gb, programs=rows,
+                mesh=dict(mesh.shape), attention=cfg.model.attention, remat=cfg.model.remat,
+                remat_decoder=cfg.model.autoencoder.remat_decoder, peak_tflops=target.chip.peak_tflops,
+                hbm_tb_s=target.chip.hbm_tb_s, source=target.chip.source)
+
+
+def _jit_restore(graphdef, cfg, mesh, params, rest):
+    """The sample grids' guided restoration on the trainer's mesh and weight shardings (one face, R = 3)."""
+    replicated = NamedSharding(mesh, P())
+    frozen = sharding.param_shardings(rest, mesh)
+
+    def run(params, rest, degraded, references, key):
+        return restore.restore(nnx.merge(graphdef, params, rest), degraded, references, key,
+                               steps=cfg.log.sample_steps, guidance=cfg.log.guidance)
+    return jax.jit(run, in_shardings=(jax.tree.map(lambda _: replicated, params), frozen, replicated, replicated,
+                                      replicated), out_shardings=replicated)
+
+
+def _measure(name: str, refs: int, global_batch: int, fn, args, mesh, target: Target, kernel_flops: float) -> dict:
+    """Compiles `fn` for `args` under the mesh; memory per chip as XLA plans it, FLOPs and bytes per chip."""
+    start = time.perf_counter()
+    # Without a device XLA:GPU cannot autotune its Triton GEMM tilings, and for some float32 dots its default
+    # finds none ("Couldn't find output tile sizes"): compile those dots as cuBLAS calls.
+    options = {"xla_gpu_enable_triton_gemm": False} if target.platform == "cuda" else {}
+    with jax.set_mesh(mesh):
+        compiled = fn.lower(*args).compile(options)
+    compile_s = time.perf_counter() - start
+    m = compiled.memory_analysis()
+    cost = _cost(compiled, target)
+    flop = cost.get("flops", 0.0) + kernel_flops
+    bytes_accessed = cost.get("bytes accessed", 0.0)
+    seconds = max(flop / (target.chip.peak_tflops * 1e12), bytes_accessed / (target.chip.hbm_tb_s * 1e12))
+    gb = lambda n: round(n / 2**30, 2)  # noqa: E731
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return dict(name=name, R=refs, global_batch=global_batch, compile_s=round(compile_s, 1),
+                arguments_gb=gb(m.argument_size_in_bytes), temp_gb=gb(m.temp_size_in_bytes), total_gb=gb(total),
+                tflop=round(flop / 1e12, 3), bytes_accessed_gb=gb(bytes_accessed), roofline_ms=round(seconds * 1e3, 2),
+                roofline_samples_per_s=round(global_batch / seconds, 2) if seconds else None)
+
+
+def _cost(compiled, target: Target) -> dict:
+    """XLA's FLOP and byte counts per chip; on GPU (no cost analysis) the CPU cost model's on the GPU HLO."""
+    if target.platform == "tpu":
+        cost = compiled.cost_analysis()
+        return cost[0] if isinstance(cost, (list, tuple)) else cost
+    from jax._src.lib import xla_client  # the cost model over an HLO module has no public entry point
+
+    cpu = jax.devices("cpu")[0].client
+    counts = [xla_client._xla.hlo_module_cost_analysis(cpu, module)
+              for module in compiled.runtime_executable().hlo_modules()]
+    return {k: sum(c.get(k, 0.0) for c in counts) for k in ("flops", "bytes accessed")}
+
+
+def print_plan(plan: dict, target: Target) -> None:
+    """One row per program, then what does not fit."""
+    print(f"{plan['topology']}: {plan['devices']} chips, mesh {plan['mesh']}, {plan['hbm_gb']} GB HBM per chip, "
+          f"attention {plan['attention']}, remat {plan['remat']}; per chip as XLA plans it; roofline at "
+          f"{target.chip.peak_tflops} TFLOP/s and {target.chip.hbm_tb_s} TB/s ({target.chip.source})")
+    if target.platform == "cuda":
+        print("cuDNN's workspace is not in the memory plan (it is sized on a device); FLOPs by XLA's CPU cost "
+              "model on the GPU HLO, cuDNN attention by formula")
+    print(f"{'program':<20}{'B':>5}{'compile s':>11}{'args GB':>9}{'temp GB':>9}{'total GB':>10}{'TFLOP':>9}"
+          f"{'HBM GB':>9}{'ms':>9}{'samples/s':>11}")
+    for r in plan["programs"]:
+        print(f"{r['name']:<20}{r['global_batch']:>5}{r['compile_s']:>11.1f}{r['arguments_gb']:>9.2f}"
+              f"{r['temp_gb']:>9.2f}{r['total_gb']:>10.2f}{r['tflop']:>9.2f}{r['bytes_accessed_gb']:>9.1f}"
+              f"{r['roofline_ms']:>9.1f}{r['roofline_samples_per_s'] or 0:>11.2f}")
+
+
+def too_big(plan: dict) -> list[str]:
+    """The programs that do not fit the chip's HBM, each with its numbers."""
+    return [f"{r['name']}: {r['total_gb']} GB per chip (arguments {r['arguments_gb']}, temporaries {r['temp_gb']}) "
+            f"> {plan['hbm_gb']} GB HBM on {plan['topology']}"
+            for r in plan["programs"] if r["total_gb"] > plan["hbm_gb"]]
+
+
+def main(argv) -> None:
+    del argv
+    if not _TOPOLOGY.value:
+        sys.exit("--topology is required (e.g. v5e-64, v5p-128, v6e-64, h100-8)")
+    target = parse_target(_TOPOLOGY.value)
+    plan = compile_plan(flags.FLAGS.config, target)
+    print_plan(plan, target)
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(plan, f, indent=1)
+    if problems := too_big(plan):
+        sys.exit("does not fit:\n  " + "\n  ".join(problems))
+
+
+if __name__ == "__main__":
+    app.run(main)

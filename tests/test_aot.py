@@ -1,0 +1,107 @@
+"""Ahead-of-time compiles: target names to topologies (Cloud TPU's slice shapes), the trainer's programs for
+a compile-only v5e 2x2 (libtpu) and a float32 step for an H100 (CUDA plugin), cuDNN's dtype rule, and a
+quiet start-up with libtpu installed."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from iconface_jax import aot
+from iconface_jax.models import attention
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+
+
+def demo_config(**mesh):
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    cfg.train.batch_size = 4
+    cfg.mesh.update(mesh)
+    return cfg
+
+
+@pytest.mark.parametrize("name, chips, topology, host_bounds", [
+    # Cloud TPU docs: v4 and v5p names count TensorCores (2 per chip), v5e and v6e chips; hosts of multi-host
+    # slices hold 2x2 chips, single-host v5e/v6e slices up to 8.
+    ("v4-8", 4, "v4:2x2x1", (2, 2, 1)),
+    ("v5e-8", 8, "v5e:2x4", (2, 4, 1)),
+    ("v5e-64", 64, "v5e:8x8", (2, 2, 1)),
+    ("v5e-256", 256, "v5e:16x16", (2, 2, 1)),
+    ("v5p-8", 4, "v5p:2x2x1", (2, 2, 1)),
+    ("v5p-128", 64, "v5p:4x4x4", (2, 2, 1)),
+    ("v6e-8", 8, "v6e:2x4", (2, 4, 1)),
+    ("v6e-64", 64, "v6e:8x8", (2, 2, 1)),
+    ("h100-1", 1, "1x1x1", (1, 1, 1)),
+    ("h100-8", 8, "1x1x8", (1, 1, 8)),
+])
+def test_targets(name, chips, topology, host_bounds):
+    target = aot.parse_target(name)
+    assert (target.chips, target.topology, target.host_bounds) == (chips, topology, host_bounds)
+
+
+@pytest.mark.parametrize("name", ["v5e", "v7-8", "v5p-3", "v5e-12"])
+def test_bad_target_is_named(name):
+    with pytest.raises(ValueError, match=name):
+        aot.parse_target(name)
+
+
+def test_too_big_names_program_and_numbers():
+    plan = dict(topology="v5e-8", hbm_gb=16, programs=[
+        dict(name="train R=0", total_gb=12.0, arguments_gb=8.0, temp_gb=4.0),
+        dict(name="train R=3", total_gb=20.5, arguments_gb=8.0, temp_gb=12.5)])
+    assert aot.too_big(plan) == ["train R=3: 20.5 GB per chip (arguments 8.0, temporaries 12.5) > 16 GB HBM on v5e-8"]
+
+
+def test_cudnn_only_for_16_and_8_bit_floats():
+    """cuDNN rejects float32: the cudnn backend computes it on the XLA path (equal to it); bf16 goes to
+    cuDNN, which this CPU-only machine does not have."""
+    q, k, v = (jax.random.normal(key, (2, 16, 2, 8), jnp.float32) for key in jax.random.split(jax.random.key(0), 3))
+    np.testing.assert_array_equal(attention.attention(q, k, v, backend="cudnn"),
+                                  attention.attention(q, k, v, backend="xla"))
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        attention.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), backend="cudnn")
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]')")
+def test_v5e_2x2_compiles_train_steps_and_restoration():
+    """The demo config on a compile-only v5e 2x2 with mesh.data=4: splash attention sharded per chip (it
+    fails to compile unsharded), the identity loss at R = 3, the restoration; plans per chip."""
+    plan = aot.compile_plan(demo_config(data=4), aot.parse_target("v5e-4"), references=(0, 3))
+    assert (plan["devices"], plan["mesh"], plan["attention"]) == (4, {"data": 4, "fsdp": 1}, "splash")
+    assert [p["name"] for p in plan["programs"]] == ["train R=0", "train R=3", "restore 12 steps"]
+    for p in plan["programs"]:
+        assert 0 < p["total_gb"] < plan["hbm_gb"] and p["tflop"] > 0 and p["roofline_samples_per_s"] > 0, p
+    train0, train3 = plan["programs"][:2]
+    assert train3["tflop"] > train0["tflop"] and train3["bytes_accessed_gb"] > train0["bytes_accessed_gb"]  # refs, L_id
+    assert not aot.too_big(plan)
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="the CUDA plugin is not installed (pip install -e '.[cuda-aot]', "
+                                                "~180 MB; CI does not install it)")
+def test_h100_compiles_the_float32_demo_step():
+    """cuDNN rejects float32, so on a GPU the float32 demo's attention takes the XLA path and compiles."""
+    plan = aot.compile_plan(demo_config(), aot.parse_target("h100-1"), references=(0,), restoration=False)
+    assert plan["attention"] == "cudnn" and plan["programs"][0]["total_gb"] > 0
+    assert plan["programs"][0]["tflop"] > 0  # XLA's CPU cost model on the GPU HLO
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: nothing probes for a TPU")
+def test_libtpu_installed_start_up_is_quiet():
+    """With libtpu installed JAX would probe for a TPU and print libtpu's warnings; importing the package on
+    a machine without one keeps JAX on the CPU, silently."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-c", "import iconface_jax, jax; print(jax.default_backend())"],
+                         env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "cpu", out.stderr
+    assert "TPU" not in out.stderr, out.stderr
