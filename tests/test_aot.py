@@ -18,7 +18,8 @@ from iconface_jax import aot
 from iconface_jax.models import attention
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and importlib.util.find_spec(
+    "jax_plugins.xla_cuda12") is not None
 
 
 def demo_config(**mesh):

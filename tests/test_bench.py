@@ -14,15 +14,15 @@ from iconface_jax.models.layers import Precision
 
 def test_bench_tiny(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--preset", "tiny", "--shapes", "1x0,1x2", "--image-size", "64", "--text-len", "16",
+    # One shape with references exercises every row kind (the 1x0 shape only doubles the compile time).
+    assert bench.main(["--preset", "tiny", "--shapes", "1x2", "--image-size", "64", "--text-len", "16",
                        "--steps", "2", "--restore-steps", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     kinds = ["forward", "train lora r16", "train iconface", "restore 2 st", "restore 2 st cache"]
-    assert [(r["kind"], r["B"], r["R"]) for r in result["rows"]] == (
-        [(k, 1, 0) for k in kinds] + [(k, 1, 2) for k in kinds])
+    assert [(r["kind"], r["B"], r["R"]) for r in result["rows"]] == [(k, 1, 2) for k in kinds]
     for row in result["rows"]:
         assert np.isfinite(row["ms"]) and row["ms"] > 0 and 0 < row["mfu"] < 1 and row["compile_s"] > 0
-    assert result["rows"][5]["tokens"] == 16 + 4 * 16
+    assert result["rows"][0]["tokens"] == 16 + 4 * 16
     assert "samples/s" in capsys.readouterr().out
 
 
