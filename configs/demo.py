@@ -47,12 +47,12 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     # term_grad_norms: log the gradient norms of L_fm and lambda_id L_id apart (one more backward pass on
     # steps with the identity loss).
     c.train = ml_collections.ConfigDict(dict(
-        batch_size=8, steps=600, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
+        batch_size=8, steps=800, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
         ema_decay=0.0, lambda_id=0.05, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
         sigma_law="logit_normal", sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0,
         sigma_unshifted_fraction=0.0, term_grad_norms=False, max_nonfinite=5,
         stop_at=0))  # stop_at: leave (with a checkpoint) after this step, for staged runs; 0: run to `steps`
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-    c.log = ml_collections.ConfigDict(dict(every=25, checkpoint_every=200, keep=2, sample_every=300,
+    c.log = ml_collections.ConfigDict(dict(every=25, checkpoint_every=200, keep=2, sample_every=400,
                                            sample_count=4, sample_steps=12, guidance=4.0))
     return c
