@@ -174,6 +174,18 @@ def test_different_degraded_grid_is_resized():
     assert model(**dict(x, degraded=small), grid=GRID, degraded_grid=(2, 2)).shape == (2, N, 16)
 
 
+def test_conditions_of_the_wrong_shape_are_named():
+    """References without their R axis, of another grid or channel count, and degraded tokens off their grid
+    fail with the shapes named (not an opaque reshape or concatenate error deep in the model)."""
+    model = iconface.IConFace(backbone(), CFG)
+    x = inputs(1)
+    for bad in (x["references"][:, 0], x["references"][:, :, :-1], x["references"][..., :-1]):
+        with pytest.raises(ValueError, match=r"reference tokens of shape \(" + ", ".join(map(str, bad.shape))):
+            model(**dict(x, references=bad), grid=GRID)
+    with pytest.raises(ValueError, match="degraded tokens of shape"):
+        model(**dict(x, degraded=x["degraded"][:, :-1]), grid=GRID)
+
+
 def test_unknown_variant():
     with pytest.raises(ValueError, match="variant"):
         iconface.IConFaceConfig(variant="two_route")

@@ -249,6 +249,7 @@ class IConFace(nnx.Module):
         """
         cfg, bb = self.config, self.backbone
         degraded_grid = degraded_grid or grid
+        check_condition_shapes(degraded, references, grid, degraded_grid)
         b, n_deg, n_refs = degraded.shape[0], degraded.shape[1], references.shape[1]
         tokens = bb.x_embedder(jnp.concatenate([degraded, references.reshape(b, -1, references.shape[-1])], axis=1))
         x_deg = tokens[:, :n_deg]
@@ -328,6 +329,19 @@ class IConFace(nnx.Module):
         cfg = self.config
         return np.concatenate([sequence.image_ids(cfg.t_degraded, *degraded_grid)]
                               + [sequence.image_ids(cfg.t_reference + r, *grid) for r in range(n_refs)])
+
+
+def check_condition_shapes(degraded: jax.Array, references: jax.Array, grid: tuple[int, int],
+                           degraded_grid: tuple[int, int]) -> None:
+    """Names the shapes when degraded (B, h_d*w_d, C) or references (B, R, h*w, C) do not fit the grids."""
+    b, c = degraded.shape[0], degraded.shape[-1]
+    if degraded.ndim != 3 or degraded.shape[1] != degraded_grid[0] * degraded_grid[1]:
+        raise ValueError(f"degraded tokens of shape {degraded.shape}; expected (B, {degraded_grid[0]}*"
+                         f"{degraded_grid[1]}, C) for the degraded grid {degraded_grid}")
+    want = (b, references.shape[1] if references.ndim == 4 else "R", grid[0] * grid[1], c)
+    if references.ndim != 4 or references.shape != want:
+        raise ValueError(f"reference tokens of shape {references.shape}; expected (B, R, h*w, C) = {want} "
+                         f"for the grid {grid} and degraded tokens {degraded.shape}")
 
 
 def clean_to_velocity(scene: jax.Array, clean: jax.Array, sigma: jax.Array, floor: float) -> jax.Array:
