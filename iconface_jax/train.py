@@ -48,7 +48,17 @@ def init_distributed() -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with an override of a field the config lacks (`--config.train.stepz=3`) reported in
-    its one-line form, as any other bad flag, instead of ml_collections' traceback."""
+    its one-line form, as any other bad flag, instead of ml_collections' traceback; a field given twice is
+    refused (config_flags appends a repeated tuple override to the first instead of replacing it)."""
+    seen = {}
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            key = arg.split("=", 1)[0]
+            if key in seen:
+                sys.stderr.write(f"FATAL Flags parsing error: flag {key} is given twice ({seen[key]}, {arg}); "
+                                 "give it once\n")
+                sys.exit(1)
+            seen[key] = arg
     try:
         return app.parse_flags_with_usage(argv)
     except (KeyError, AttributeError) as e:  # ml_collections: "'stepz'\nDid you mean "steps" instead of "stepz"?"

@@ -74,10 +74,16 @@ def env_with(**extra) -> dict[str, str]:
     return dict(os.environ, JAX_PLATFORMS="cpu", **CACHE, **extra)
 
 
+def toy_flags(*overrides: str) -> list[str]:
+    """TOY with `overrides` in place of its flags of the same field (the trainer refuses a field given twice)."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    return [f for f in TOY if f.split("=", 1)[0] not in keys] + list(overrides)
+
+
 def run_train(workdir, *overrides, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:
     """`python -m iconface_jax.train` on the demo config at toy size, with `overrides`."""
     cmd = [sys.executable, "-m", "iconface_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
-           f"--config.workdir={workdir}", *TOY, *overrides]
+           f"--config.workdir={workdir}", *toy_flags(*overrides)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                          env=env_with(**(env or {})))
     if check and out.returncode != 0:

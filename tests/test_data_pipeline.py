@@ -63,6 +63,10 @@ def test_protocol_count_distribution():
     assert set(np.unique(custom)) == {0, 1} and abs(custom.mean() - 0.5) < 0.01
     with pytest.raises(ValueError):
         references.draw_counts(np.random.default_rng(0), (0.5, -0.1), 3)
+    # Probabilities that do not sum to 1 (a tuple flag given twice concatenates) are refused, not normalised.
+    with pytest.raises(ValueError, match=r"config.data.ref_count_probs: .*sum to 1, got \(0.5, 0.5, 0.0, 1.0\)"):
+        pipeline.make_iterator(_config(ref_count_probs=(0.5, 0.5, 0.0, 1.0)), global_batch_size=4,
+                               process_index=0, process_count=1)
 
 
 def test_plan_follows_protocol_and_availability():

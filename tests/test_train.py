@@ -11,7 +11,7 @@ import time
 import ml_collections
 import pytest
 
-from conftest import ROOT, TOY, env_with, losses, run_train
+from conftest import ROOT, env_with, losses, run_train, toy_flags
 
 # Runs that test something else skip the identity-loss path (decode + AdaFace gradients): less to compile.
 NO_ID = "--config.train.lambda_id=0.0"
@@ -47,8 +47,8 @@ def test_interrupted_save_resumes_from_last_complete_checkpoint(staged_run):
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     cmd = [sys.executable, "-m", "iconface_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
-           f"--config.workdir={tmp_path}", *TOY, "--config.train.steps=100000", "--config.log.checkpoint_every=100000",
-           NO_ID]
+           f"--config.workdir={tmp_path}", *toy_flags("--config.train.steps=100000",
+                                                      "--config.log.checkpoint_every=100000", NO_ID)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env_with())
     lines = []
@@ -82,8 +82,8 @@ def test_two_processes_agree(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = [sys.executable, "-m", "iconface_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
-            f"--config.workdir={tmp_path}", *TOY, "--config.train.steps=3", "--config.log.checkpoint_every=3",
-            "--config.data.ref_count_probs=(0.0,1.0,0.0,0.0)", NO_ID]
+            f"--config.workdir={tmp_path}", *toy_flags("--config.train.steps=3", "--config.log.checkpoint_every=3",
+                                                       "--config.data.ref_count_probs=(0.0,1.0,0.0,0.0)", NO_ID)]
     procs = []
     for pid in range(2):
         env = env_with(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
@@ -152,9 +152,12 @@ def test_batch_must_divide_the_devices(tmp_path):
                                     "Did you mean \"batch_size\" instead of \"bacth_size\"?"),
     ("--config.train.stepz=3", "flag --config.train.stepz=3: the config has no field 'stepz'; "
                                "Did you mean \"steps\" instead of \"stepz\"?"),
+    ("--config.data.ref_count_probs=(0.0,1.0,0.0,0.0) --config.data.ref_count_probs=(1.0,0.0,0.0,0.0)",
+     "flag --config.data.ref_count_probs is given twice (--config.data.ref_count_probs=(0.0,1.0,0.0,0.0), "
+     "--config.data.ref_count_probs=(1.0,0.0,0.0,0.0)); give it once"),
 ])
-def test_unknown_config_key_is_refused_in_one_line(tmp_path, override, message):
-    out = run_train(tmp_path, override, check=False, timeout=120)
+def test_bad_config_flags_are_refused_in_one_line(tmp_path, override, message):
+    out = run_train(tmp_path, *override.split(), check=False, timeout=120)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == f"FATAL Flags parsing error: {message}", out.stderr[-2000:]
     assert "Traceback" not in out.stderr

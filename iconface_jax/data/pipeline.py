@@ -125,7 +125,10 @@ class FaceSamples:
         self.process_index = process_index
         self.resolution = int(config.resolution)
         self.min_side = int(round(config.min_side_fraction * self.resolution))
-        self.probs = tuple(float(p) for p in config.ref_count_probs)
+        try:
+            self.probs = tuple(float(p) for p in references.check_probs(config.ref_count_probs))
+        except ValueError as e:
+            raise ValueError(f"config.data.ref_count_probs: {e}") from None
         self.shuffle = bool(config.shuffle)
         self.use_given_lq = bool(config.use_given_lq)
         deg = config.degradation

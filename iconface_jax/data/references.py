@@ -26,11 +26,17 @@ DEFAULT_PROBS = (0.3, 0.3, 0.2, 0.2)  # references 0, 1, 2, 3
 _PLAN_STREAM = 0x5EED  # separates the plan's random stream from the per-sample ones
 
 
+def check_probs(probs: Sequence[float]) -> np.ndarray:
+    """`probs` (probability of 0, 1, ... references) as float64, refused unless non-negative and summing to 1."""
+    p = np.asarray(probs, np.float64)
+    if p.ndim != 1 or p.size == 0 or np.any(p < 0) or abs(p.sum() - 1) > 1e-6:
+        raise ValueError(f"reference-count probabilities must be non-negative and sum to 1, got {tuple(probs)}")
+    return p
+
+
 def draw_counts(rng: np.random.Generator, probs: Sequence[float], n: int) -> np.ndarray:
     """Draw n protocol reference counts k (int64 in 0..len(probs)-1)."""
-    p = np.asarray(probs, np.float64)
-    if p.ndim != 1 or p.size == 0 or np.any(p < 0) or p.sum() <= 0:
-        raise ValueError(f"reference-count probabilities must be non-negative, got {probs}")
+    p = check_probs(probs)
     return rng.choice(p.size, size=n, p=p / p.sum())
 
 
