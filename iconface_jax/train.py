@@ -209,14 +209,15 @@ def preview_batch(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
         print(f"sample grids show training images (data.source {cfg.data.source!r} has no validation split "
               "configured)", flush=True)
         data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
-    data_cfg.num_workers, data_cfg.latents = 0, ""
+    # One reference per sample, whatever the training protocol draws (a run may train without references).
+    data_cfg.num_workers, data_cfg.latents, data_cfg.ref_count_probs = 0, "", (0.0, 1.0)
     it = pipeline.make_iterator(data_cfg, global_batch_size=cfg.log.sample_count, seed=cfg.seed + 1,
                                 process_index=0, process_count=1)
-    for _ in range(100):
+    for _ in range(100):  # targets without a usable reference fill batches of their own
         batch = next(it)
         if batch["refs"].shape[1] > 0:
             return batch
-    raise RuntimeError("no preview batch with references in 100 draws: check config.data.ref_count_probs")
+    raise RuntimeError("no preview batch with references in 100 draws: too few identities have a second image")
 
 
 def main(argv) -> None:
