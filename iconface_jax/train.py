@@ -7,7 +7,6 @@ The same config runs on one CPU, one GPU, many GPUs or a TPU pod; multi-host run
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -249,7 +248,7 @@ def main(argv) -> None:
     if is_chief:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.fspath(workdir / "tensorboard"))  # gs:// through google-cloud-storage
-        metrics_file = open_log(workdir / "metrics.jsonl")
+        metrics_file = storage.open_append(workdir / "metrics.jsonl")
     print(f"training {n_params:,} parameters on {jax.device_count()} device(s), mesh {dict(mesh.shape)}, "
           f"steps {start_step}..{t.steps}", flush=True)
 
@@ -334,37 +333,6 @@ def write_row(row: dict, steps: int, writer, metrics_file) -> None:
         for k in ("loss", "loss_fm", "loss_id", "grad_norm", "grad_norm_fm", "grad_norm_id", "samples_s", "mfu"):
             if k in row:
                 writer.add_scalar(f"train/{k}", row[k], row["step"])
-
-
-def open_log(path: epath.Path) -> io.TextIOBase:
-    """`path` opened for appending lines: a local file as usual; in a bucket a `_BucketLog`."""
-    return _BucketLog(path) if storage.is_remote(path) else open(path, "a")
-
-
-class _BucketLog(io.StringIO):
-    """A log in Cloud Storage, whose objects cannot be appended to: the object's text and the new lines are
-    kept in memory and the object is rewritten whole on `flush` at most once a minute (GCS takes about one
-    write per second per object) and on `close`."""
-
-    UPLOAD_EVERY_S = 60.0
-
-    def __init__(self, path: epath.Path):
-        super().__init__(path.read_text() if path.exists() else "")
-        self.seek(0, io.SEEK_END)
-        self.path, self.uploaded = path, time.monotonic()
-
-    def flush(self) -> None:
-        if time.monotonic() - self.uploaded >= self.UPLOAD_EVERY_S:
-            self._upload()
-
-    def close(self) -> None:
-        if not self.closed:
-            self._upload()
-        super().close()
-
-    def _upload(self) -> None:
-        self.path.write_text(self.getvalue())
-        self.uploaded = time.monotonic()
 
 
 def _tokens_per_image(system: face_system.FaceSystem, hw: tuple[int, int]) -> int:
