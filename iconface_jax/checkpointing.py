@@ -7,22 +7,22 @@ save resumes from the last complete step.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import orbax.checkpoint as ocp
 
+from iconface_jax import storage
 
 PARAM_ITEMS = ("params", "ema")
 
 
 class Checkpoints:
-    """Save and restore `(train_state, data_state)` under `workdir/checkpoints`."""
+    """Save and restore `(train_state, data_state)` under `workdir/checkpoints` (local or `gs://`)."""
 
     def __init__(self, workdir: str, keep: int, asynchronous: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=asynchronous,
                                                create=True)
-        self.manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+        self.manager = ocp.CheckpointManager(storage.path(workdir) / "checkpoints", options=options)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""

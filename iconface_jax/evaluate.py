@@ -51,7 +51,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from iconface_jax import metrics, restore
+from iconface_jax import metrics, restore, storage
 from iconface_jax.data import degrade, sources, synthetic
 from iconface_jax.models import adaface, arcface
 from iconface_jax.system import FaceSystem
@@ -318,7 +318,7 @@ def evaluate(args: argparse.Namespace) -> int:
         args.checkpoint, "eval", f"{os.path.splitext(os.path.basename(args.csv))[0]}_refs{args.refs}")
     for sub in ("restored", "degraded"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    check_settings(out_dir, {"checkpoint": os.path.abspath(args.checkpoint), "step": step,
+    check_settings(out_dir, {"checkpoint": os.fspath(storage.path(args.checkpoint)), "step": step,
                              "csv": os.path.abspath(args.csv), "refs": args.refs, "steps": args.steps,
                              "guidance": args.guidance, "seed": args.seed, "degradation": args.degradation,
                              "adaface": args.adaface, "arcface": args.arcface, "ssim_channels": args.ssim_channels,
@@ -497,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--csv needs --image-dir")
     if args.checkpoint.partition(":")[0].endswith(".py") and not args.output_dir:
         p.error("a config as --checkpoint needs --output-dir")
+    if storage.is_remote(args.output_dir or args.checkpoint):  # the default output is inside the workdir
+        p.error("results are written to a local --output-dir: name one (the checkpoint may be gs://)")
     try:
         if args.synthetic is not None:
             if args.synthetic < 1 or args.refs == 0:

@@ -12,6 +12,7 @@ import argparse
 import ast
 import csv
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 
-from iconface_jax import checkpointing, sampling
+from iconface_jax import checkpointing, sampling, storage
 from iconface_jax import system as face_system
 from iconface_jax.data import sources
 from iconface_jax.system import FaceSystem, grid_of
@@ -82,11 +83,10 @@ def load(workdir: str, prefer_ema: bool = True, step: int | None = None,
             raise ValueError(f"{workdir}: a config alone is an untrained model; name a converted LoRA "
                              f"(--lora-init DIR) or give a training workdir")
         return face_system.build(cfg), cfg, 0
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = os.path.join(workdir, "config.json")  # a local path or gs://
+    if not storage.path(path).is_file():
         raise FileNotFoundError(f"{workdir} is not a training workdir: {path} is missing")
-    with open(path) as f:
-        stored = json.load(f)
+    stored = json.loads(storage.path(path).read_text())
     if "model" not in stored:
         kind = f"a converted {stored['family']} weight directory" if "family" in stored else "not a training config"
         raise ValueError(f"{path}: {kind}; --checkpoint takes a training workdir")
@@ -103,12 +103,13 @@ def load(workdir: str, prefer_ema: bool = True, step: int | None = None,
 
 
 def read_face(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """An aligned face crop of any size (grayscale, RGBA, 16-bit converted) as the model's square input in
-    [-1, 1], and the file's (height, width); errors name the file."""
+    """An aligned face crop of any size (grayscale, RGBA, 16-bit converted), local or gs://, as the model's
+    square input in [-1, 1], and the file's (height, width); errors name the file."""
     try:
-        with Image.open(path) as img:
+        data = storage.path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-        rgb, _ = sources.decode(path, size, 1)
+        rgb, _ = sources.decode(data, size, 1)
     except (OSError, sources.ImageError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
     return rgb.astype(np.float32) / 127.5 - 1.0, (height, width)
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--input needs --output")
     if not args.input and not args.output_dir:
         p.error("--input-dir and --csv need --output-dir")
+    if storage.is_remote(args.output or args.output_dir):
+        p.error("--output and --output-dir are local paths (the checkpoint and --input/--ref images may be gs://)")
     if args.steps < 1 or args.max_refs < 0:
         p.error("--steps must be at least 1 and --max-refs at least 0")
     try:

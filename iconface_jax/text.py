@@ -13,12 +13,15 @@ Tiny configs, tests and the CPU demo have no Qwen3; `random_prompt_embeddings` s
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import zipfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from iconface_jax import storage
 
 PROMPT, EMPTY = "prompt", "empty"
 
@@ -30,7 +33,11 @@ class PromptEmbeddingsError(ValueError):
 def save_prompt_embeddings(path: str, prompt: np.ndarray, empty: np.ndarray, *, prompt_text: str,
                            layers: Sequence[int], max_length: int, encoder_dtype: str,
                            overwrite: bool = False) -> None:
-    """Writes the file atomically (temporary file renamed into place); refuses an existing `path` unless `overwrite`."""
+    """Writes the local file atomically (temporary file renamed into place); refuses an existing `path` unless
+    `overwrite`, and a `gs://` one (copy the file to the bucket afterwards)."""
+    if storage.is_remote(path):
+        raise PromptEmbeddingsError(f"{path}: prompt embeddings are written to a local file (renamed into place, "
+                                    "which Cloud Storage cannot do atomically); copy it to the bucket afterwards")
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise PromptEmbeddingsError(f"{path} already exists; remove it or pass --overwrite")
@@ -54,11 +61,13 @@ def save_prompt_embeddings(path: str, prompt: np.ndarray, empty: np.ndarray, *, 
 
 
 def load_prompt_embeddings(path: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt, empty), each (length, channels) float32, checked; `dim`, if given, is the expected channel count."""
-    if not os.path.isfile(path):
+    """(prompt, empty) of a local or gs:// file, each (length, channels) float32, checked; `dim`, if given, is
+    the expected channel count."""
+    if not storage.path(path).is_file():
         raise PromptEmbeddingsError(f"{path}: no such file (make it with `python -m convert.text_embeddings`)")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        remote = storage.is_remote(path)  # read whole: one request, not one per seek of the zip reader
+        with np.load(io.BytesIO(storage.path(path).read_bytes()) if remote else path, allow_pickle=False) as data:
             held = sorted(data.files)
             arrays = {key: data[key] for key in (PROMPT, EMPTY) if key in held}
     except (OSError, ValueError, zipfile.BadZipFile) as e:

@@ -21,11 +21,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from iconface_jax import checkpointing, flops, flow, losses, restore, sampling, sharding
+from iconface_jax import checkpointing, flops, flow, losses, restore, sampling, sharding, storage
 from iconface_jax import system as face_system
 from iconface_jax.data import latents, pipeline
 from iconface_jax.models import flux2, iconface
@@ -87,7 +88,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for name, path in [("model.weights", cfg.model.weights), ("model.autoencoder.weights", cfg.model.autoencoder.weights),
                        ("model.face_encoder.weights", cfg.model.face_encoder.weights),
                        ("model.text.embeddings", cfg.model.text.embeddings)]:
-        if path and not os.path.exists(path):
+        if path and not storage.path(path).exists():
             raise FileNotFoundError(f"config.{name}: {path} does not exist")
     if cfg.model.remat != "none" and cfg.model.remat not in REMAT_POLICIES:
         raise ValueError(f"config.model.remat {cfg.model.remat!r} is not 'none' or one of {sorted(REMAT_POLICIES)}")
@@ -229,11 +230,11 @@ def main(argv) -> None:
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     jax.set_mesh(mesh)  # the context of every program this run compiles (splash attention shards over it)
     t, log = cfg.train, cfg.log
-    os.makedirs(cfg.workdir, exist_ok=True)
+    workdir = storage.path(cfg.workdir)  # local or gs://: every host of a pod writes its checkpoints there
+    workdir.mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
     if is_chief:  # what `python -m iconface_jax.restore --checkpoint WORKDIR` rebuilds the model from
-        with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=1))
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
 
     system = face_system.build(cfg)
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
@@ -257,8 +258,8 @@ def main(argv) -> None:
     writer = metrics_file = None
     if is_chief:
         from tensorboardX import SummaryWriter
-        writer = SummaryWriter(os.path.join(cfg.workdir, "tensorboard"))
-        metrics_file = open(os.path.join(cfg.workdir, "metrics.jsonl"), "a")
+        writer = SummaryWriter(os.fspath(workdir / "tensorboard"))  # gs:// through google-cloud-storage
+        metrics_file = storage.open_append(workdir / "metrics.jsonl")
     print(f"training {n_params:,} parameters on {jax.device_count()} device(s), mesh {dict(mesh.shape)}, "
           f"steps {start_step}..{t.steps}", flush=True)
 
@@ -291,6 +292,8 @@ def main(argv) -> None:
                 nonfinite += 1
                 print(f"step {done_step}: non-finite loss or gradient, update skipped ({nonfinite} in a row)", flush=True)
                 if nonfinite >= t.max_nonfinite:
+                    if metrics_file is not None:
+                        metrics_file.close()  # in a bucket, this writes the rows the message points to
                     sys.exit(f"stopping at step {done_step}: {nonfinite} non-finite steps in a row "
                              f"(last loss {float(done_metrics['loss'])}); see {cfg.workdir}/metrics.jsonl")
             else:
@@ -315,7 +318,7 @@ def main(argv) -> None:
             current = nnx.merge(graphdef, state.get("ema", state["params"]), rest)
             grid = sample_grid(current, preview, jax.random.PRNGKey(cfg.seed), log)
             writer.add_image("samples", grid, step, dataformats="HWC")
-            _write_png(os.path.join(cfg.workdir, f"samples_{step:06d}.png"), grid)
+            _write_png(workdir / f"samples_{step:06d}.png", grid)
         window_start += time.perf_counter() - paused
     batches.close()
     if stop["signal"]:
@@ -348,9 +351,10 @@ def _tokens_per_image(system: face_system.FaceSystem, hw: tuple[int, int]) -> in
     return probe.shape[1]
 
 
-def _write_png(path: str, image: np.ndarray) -> None:
+def _write_png(path: epath.Path, image: np.ndarray) -> None:
     from PIL import Image
-    Image.fromarray(image).save(path)
+    with path.open("wb") as f:
+        Image.fromarray(image).save(f, format="PNG")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Converted weight directories: `config.json` (model family and config) beside an Orbax `params/` checkpoint.
 
 Every converter writes through `save` and every model's `load(dir)` reads through `restore`, so the
-on-disk layout, the atomic write and the error messages live in one place. Parameters are stored as
+on-disk layout, the atomic write and the error messages live in one place. Directories are read locally
+or from `gs://`; they are written locally (the atomic rename has no Cloud Storage equivalent). Parameters are stored as
 a flat dict keyed by the dotted module path (`transformer_blocks.0.attn.to_q.kernel`), the tree item
 `state` of the checkpoint in `params/` (the item name Orbax's partial save gives it).
 """
@@ -19,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocp_v1
 from flax import nnx
+
+from iconface_jax import storage
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -52,8 +55,12 @@ def save(dst: str, family: str, config: Mapping[str, Any],
     `params` may be a stream of (name, array) pairs: they are written in chunks of about `chunk_bytes`
     (default `CHUNK_BYTES`; Orbax partial saves, committed once at the end), so a converter never holds
     the whole model.
-    Refuses an existing `dst`; on any failure, the stream's own errors included, nothing is left behind.
+    Refuses an existing `dst` and a `gs://` one; on any failure, the stream's own errors included, nothing is
+    left behind.
     """
+    if storage.is_remote(dst):
+        raise WeightsError(f"destination {dst}: converted weights are written to a local directory (renamed into "
+                           "place, which Cloud Storage cannot do atomically); copy it to the bucket afterwards")
     dst, chunk_bytes = os.path.abspath(dst), chunk_bytes or CHUNK_BYTES
     if os.path.exists(dst):
         raise WeightsError(f"destination {dst} already exists; remove it or choose another path")
@@ -83,11 +90,10 @@ def save(dst: str, family: str, config: Mapping[str, Any],
 
 def read_config(src: str, family: str) -> dict[str, Any]:
     """The model config stored in `src`, checking that it holds a `family` model."""
-    path = os.path.join(src, CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = os.path.join(src, CONFIG_FILE)  # a local path or gs://
+    if not storage.path(path).is_file():
         raise WeightsError(f"{src} is not a converted weight directory: {CONFIG_FILE} is missing")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = json.loads(storage.path(path).read_text())
     if meta.get("family") != family:
         raise WeightsError(f"{path} holds a {meta.get('family')!r} model, expected {family!r}")
     return meta["config"]
@@ -96,8 +102,8 @@ def read_config(src: str, family: str) -> dict[str, Any]:
 def restore(model: nnx.Module, src: str, kinds: tuple[type, ...] = (nnx.Param,)) -> nnx.Module:
     """Fills the model's variables of types `kinds` from `src`, casting to each variable's dtype."""
     targets = base_params(model, kinds)
-    path = os.path.join(os.path.abspath(src), PARAMS_DIR)
-    if not os.path.isdir(os.path.join(path, PARAMS_ITEM)):
+    path = storage.path(src) / PARAMS_DIR
+    if not (path / PARAMS_ITEM).is_dir():
         raise WeightsError(f"{src}: no parameter checkpoint {PARAMS_DIR}/{PARAMS_ITEM}/ (converted by an earlier "
                            f"version, or not a converted weight directory): convert the source again")
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{PARAMS_ITEM: ocp.StandardCheckpointHandler()}))

@@ -92,8 +92,10 @@ def run_train(workdir, *overrides, env=None, check=True, timeout=600) -> subproc
 
 
 def losses(workdir) -> dict[int, float]:
-    """step -> loss from a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    """step -> loss from a run's metrics.jsonl (local or gs://)."""
+    from iconface_jax import storage
+
+    rows = [json.loads(line) for line in (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows}
 
 

@@ -26,6 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
+from iconface_jax import storage
 from iconface_jax.data.catalog import make_source
 from iconface_jax.data.sources import ImageError, Key, decode
 
@@ -35,8 +36,8 @@ ARRAY, KEYS, META = "latents.npy", "keys.json", "meta.json"
 def autoencoder_identity(model_cfg: ml_collections.ConfigDict) -> dict:
     """What makes latents reusable: the codec kind, its patch factor and its weights (resolved path)."""
     a = model_cfg.autoencoder
-    return dict(kind=a.kind, factor=int(a.factor),
-                weights=os.path.realpath(a.weights) if a.weights else "", precision=model_cfg.precision)
+    weights = os.path.realpath(a.weights) if a.weights and not storage.is_remote(a.weights) else a.weights
+    return dict(kind=a.kind, factor=int(a.factor), weights=weights, precision=model_cfg.precision)
 
 
 def clean_keys(records: Iterable) -> list[Key]:
@@ -48,6 +49,7 @@ def precompute(cfg: ml_collections.ConfigDict, out: str, batch_size: int = 16) -
     """Encodes every clean image of `cfg.data`'s source with `cfg.model`'s autoencoder into `out`."""
     from iconface_jax import system as face_system  # (not at import: the input pipeline needs no model code)
 
+    _require_local(out)
     if os.path.exists(out):
         raise FileExistsError(f"{out} already exists; choose a new --out")
     source = make_source(cfg.data)
@@ -99,6 +101,7 @@ class LatentStore:
     """Read access to a precomputed directory by image key; opens its memory map lazily (in each worker)."""
 
     def __init__(self, path: str):
+        _require_local(path)
         for name in (ARRAY, KEYS, META):
             if not os.path.isfile(os.path.join(path, name)):
                 raise FileNotFoundError(f"{path} is not a latents directory: {name} is missing "
@@ -130,6 +133,12 @@ class LatentStore:
         if self._array is None:
             self._array = np.load(os.path.join(self.path, ARRAY), mmap_mode="r")
         return np.asarray(self._array[self.rows[key]])
+
+
+def _require_local(path: str) -> None:
+    if storage.is_remote(path):
+        raise ValueError(f"latents directory {path}: must be local (training reads it as a memory map); "
+                         "copy it from the bucket to the host's disk")
 
 
 def main(argv) -> None:

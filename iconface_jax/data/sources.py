@@ -3,7 +3,7 @@
 A source has `records` (one per training target: the target image's key, the keys of the
 same-identity images that may serve as its references, and an optional given degraded image),
 `fetch(key)` (a path, encoded bytes or a decoded array) and `issues` (what was skipped while
-indexing, by kind). Sources here:
+indexing, by kind). Paths (CSV, split file, image folders, images) may be local or `gs://`. Sources here:
 
 - `FFHQRefSource`: FFHQ-Ref as released with ReF-LDM, `reference_mapping/*_references.csv` rows of
   `gt_image`, optional `lq_image` and `ref_image` (a Python list literal), resolved against image
@@ -35,6 +35,8 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
+
+from iconface_jax import storage
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,8 @@ def decode(data: str | bytes | np.ndarray, resolution: int, min_side: int) -> tu
 
 def _decode_file(data: str | bytes, resolution: int) -> tuple[np.ndarray, bool]:
     try:
+        if isinstance(data, str) and storage.is_remote(data):
+            data = storage.path(data).read_bytes()  # one request; PIL would read the object piece by piece
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
             # 48-bit RGB PNGs open as 8-bit RGB (Pillow keeps the high byte): a conversion all the same.
             deep = any(";16" in str(tile[3]) for tile in img.tile)
@@ -176,19 +180,32 @@ def _stem(name: str) -> str:
 
 
 def _split_stems(path: str) -> set[str]:
-    with open(path) as f:
-        return {_stem(line) for line in f if line.strip()}
+    return {_stem(line) for line in storage.path(path).read_text().splitlines() if line.strip()}
+
+
+def _listing(directory: str) -> list[str]:
+    """The sorted names in `directory`. On Cloud Storage this also fills gcsfs's listing cache, from which
+    its existence tests of the directory's entries are then answered without a request each."""
+    return sorted(p.name for p in storage.path(directory).iterdir())
+
+
+def _list_tree(directory: str) -> None:
+    """On Cloud Storage, lists `directory` and its subfolders once (a request per 1,000 entries), so that
+    `resolve_image`'s existence tests are answered from gcsfs's listing cache instead of a request each."""
+    if storage.is_remote(directory):
+        for _ in storage.path(directory).walk():
+            pass
 
 
 def resolve_image(name: str, directory: str) -> str | None:
     """The file `name` in `directory`, or in FFHQ's thousands subfolder (00000/00042.png); None if absent."""
     path = os.path.join(directory, name)
-    if os.path.isfile(path):
+    if storage.path(path).is_file():
         return path
     stem = _stem(name)
     if stem.isdigit():
         nested = os.path.join(directory, f"{int(stem) // 1000 * 1000:05d}", os.path.basename(name))
-        if os.path.isfile(nested):
+        if storage.path(nested).is_file():
             return nested
     return None
 
@@ -208,15 +225,16 @@ class FFHQRefSource:
         split = _split_stems(split_file) if split_file else None
         issues: Counter = Counter()
         self.records: list[Record] = []
-        with open(csv_path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing_cols = {"gt_image", "ref_image"} - set(reader.fieldnames or ())
-            if missing_cols:
-                raise ValueError(f"{csv_path}: missing column(s) {sorted(missing_cols)}")
-            for row in reader:
-                record = self._parse(row, image_dir, lq_dir, ref_dir or image_dir, split, issues)
-                if record is not None:
-                    self.records.append(record)
+        for directory in {image_dir, lq_dir, ref_dir} - {""}:
+            _list_tree(directory)
+        reader = csv.DictReader(io.StringIO(storage.path(csv_path).read_bytes().decode(), newline=""))
+        missing_cols = {"gt_image", "ref_image"} - set(reader.fieldnames or ())
+        if missing_cols:
+            raise ValueError(f"{csv_path}: missing column(s) {sorted(missing_cols)}")
+        for row in reader:
+            record = self._parse(row, image_dir, lq_dir, ref_dir or image_dir, split, issues)
+            if record is not None:
+                self.records.append(record)
         self.issues = _report(f"FFHQ-Ref {csv_path}", issues, len(self.records))
 
     def _parse(self, row: dict[str, Any], image_dir: str, lq_dir: str, ref_dir: str,
@@ -275,16 +293,16 @@ class FolderSource:
 
     def __init__(self, root: str):
         self.root = root
-        if not os.path.isdir(root):
+        if not storage.path(root).is_dir():
             raise FileNotFoundError(f"folder source: {root} is not a directory")
         issues: Counter = Counter()
         self.records: list[Record] = []
-        for identity in sorted(os.listdir(root)):
+        for identity in _listing(root):
             folder = os.path.join(root, identity)
-            if not os.path.isdir(folder):
+            if not storage.path(folder).is_dir():
                 continue
-            images = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
-                      if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n))]
+            images = [os.path.join(folder, n) for n in _listing(folder)
+                      if n.lower().endswith(IMAGE_EXTENSIONS) and storage.path(os.path.join(folder, n)).is_file()]
             if len(images) < 2:
                 issues["no_usable_reference"] += len(images)
                 continue
