@@ -51,17 +51,17 @@ def init_distributed() -> str | None:
         missing = [k for k in OVERRIDES if not os.environ.get(k)]
         raise ValueError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: set all three on every "
                          "process (or none, under SLURM, Open MPI or on Cloud TPU)")
-    if found == "ompi" and "OMPI_MCA_orte_hnp_uri" not in os.environ:
-        # JAX finds Open MPI's launcher through ORTE (Open MPI 4); PRRTE (Open MPI 5) sets no such address.
-        raise RuntimeError(f"Open MPI started {os.environ['OMPI_COMM_WORLD_SIZE']} processes but JAX cannot find "
-                           f"their coordinator (OMPI_MCA_orte_hnp_uri is unset: Open MPI 5?); set {', '.join(OVERRIDES)}")
     if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need real collectives
     if found == "explicit":
         jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
                                    int(os.environ["JAX_PROCESS_ID"]))
-    else:  # JAX reads the coordinator, process count and id from the launcher's variables or the TPU metadata
+        return found
+    try:  # JAX reads the coordinator, process count and id from the launcher's variables or the TPU metadata
         jax.distributed.initialize()
+    except ValueError as e:  # e.g. Open MPI 5 (PRRTE) with a JAX that knows only Open MPI 4's ORTE variables
+        raise RuntimeError(f"the {found!r} launch, but this JAX cannot find its coordinator ({e}): set "
+                           f"{', '.join(OVERRIDES)} on every process") from e
     return found
 
 

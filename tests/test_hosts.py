@@ -60,12 +60,13 @@ def test_override_variables_must_come_together(monkeypatch):
         hosts.init_distributed()
 
 
-def test_open_mpi_without_its_launcher_address_is_named(monkeypatch):
-    for k, v in dict(MPIRUN, OMPI_MCA_orte_hnp_uri="").items():
+def test_a_launch_jax_cannot_follow_is_named(monkeypatch):
+    """Open MPI 5 (PRRTE: no `OMPI_MCA_orte_hnp_uri`) with a JAX that reads only Open MPI 4's variables."""
+    for k, v in MPIRUN.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.delenv("OMPI_MCA_orte_hnp_uri")
-    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
-    with pytest.raises(RuntimeError, match="OMPI_MCA_orte_hnp_uri is unset"):
+    for k in ("OMPI_MCA_orte_hnp_uri", "PRTE_LAUNCHED", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(RuntimeError, match="the 'ompi' launch, but this JAX cannot find its coordinator .* JAX_PROC"):
         hosts.init_distributed()
 
 
@@ -122,7 +123,7 @@ def test_mesh_across_hosts_keeps_fsdp_inside_one(monkeypatch):
 
 
 def test_mesh_axes_are_auto():
-    """The trainer places arrays by in/out shardings: explicit-sharding axes (`jax.make_mesh`'s default) would not do."""
+    """The trainer places arrays by in/out shardings, not on explicit axes (`jax.make_mesh`'s default)."""
     from jax.sharding import AxisType
 
     assert sharding.make_mesh().axis_types == (AxisType.Auto, AxisType.Auto)

@@ -72,7 +72,8 @@ def demo_backbone_dir(tmp_path_factory):
     from iconface_jax.models import flux2
 
     m = demo_config().model
-    arch = dataclasses.replace(flux2.PRESETS[m.backbone.preset], **{k: v for k, v in m.backbone.items() if k != "preset"})
+    fields = {k: v for k, v in m.backbone.items() if k != "preset"}
+    arch = dataclasses.replace(flux2.PRESETS[m.backbone.preset], **fields)
     model = flux2.build(arch, seed=5)
     path = tmp_path_factory.mktemp("demo_backbone") / "flux2"
     weights.save(str(path), flux2.FAMILY, dataclasses.asdict(arch),
