@@ -91,7 +91,7 @@ def test_eight_simulated_devices_with_fsdp_match_one_device(tmp_path, demo_backb
                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert "8 device(s), mesh {'data': 4, 'fsdp': 2}" in out.stdout
     total, per_device = frozen_mib(out.stdout)
-    assert total > 5 and per_device < 0.55 * total, out.stdout  # the transformer's weights are most of it
+    assert total > 5 and per_device < 0.52 * total, out.stdout  # the transformer's weights are most of it
     run_train(tmp_path / "one", *same)
     sharded, single = losses(tmp_path / "eight"), losses(tmp_path / "one")
     assert sharded.keys() == single.keys() == {1, 2}
@@ -140,7 +140,7 @@ def test_two_processes_under_slurm_shard_sample_and_stop_together(tmp_path):
         assert p.returncode == 0, out[-4000:]
     assert "process 1 of 2 (slurm launch)" in outs[1] and "4 device(s), mesh {'data': 2, 'fsdp': 2}" in outs[0]
     total, per_device = frozen_mib(outs[0])
-    assert per_device < 0.55 * total, outs[0]
+    assert per_device < 0.52 * total, outs[0]
     curves = [{line.split()[3]: line.split("loss ")[1].split()[0] for line in out.splitlines()
                if line.startswith(f"[process {pid}] step ")} for pid, out in enumerate(outs)]
     assert curves[0] == curves[1] and len(curves[0]) >= 4, curves
