@@ -52,7 +52,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         sigma_law="logit_normal", sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0,
         sigma_unshifted_fraction=0.0, term_grad_norms=False, max_nonfinite=5,
         stop_at=0))  # stop_at: leave (with a checkpoint) after this step, for staged runs; 0: run to `steps`
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # shard_min_size: frozen weights of fewer elements stay replicated when fsdp > 1
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_min_size=2**16))
     c.log = ml_collections.ConfigDict(dict(every=25, checkpoint_every=200, keep=2, sample_every=400,
                                            sample_count=4, sample_steps=12, guidance=4.0))
     return c

@@ -60,7 +60,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         ema_decay=0.999, lambda_id=0.1, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
         sigma_law="logit_normal", sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0,
         sigma_unshifted_fraction=0.25, term_grad_norms=False, max_nonfinite=10, stop_at=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # shard_min_size: frozen weights of fewer elements stay replicated when fsdp > 1
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_min_size=2**16))
     c.log = ml_collections.ConfigDict(dict(every=50, checkpoint_every=1000, keep=3, sample_every=1000,
                                            sample_count=4, sample_steps=12, guidance=4.0))
     return c

@@ -153,7 +153,7 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
     tx = train.make_optimizer(t)
     state = jax.eval_shape(lambda p: train.init_state(p, tx, t, cfg.seed), params)
-    step = train.jit_train_step(graphdef, tx, t, mesh, state, rest)
+    step = train.jit_train_step(graphdef, tx, t, mesh, state, rest, cfg.mesh.shard_min_size)
     image = lambda *lead: jax.ShapeDtypeStruct((*lead, size, size, 3), jnp.float32)  # noqa: E731
     encode = lambda p, r, x: nnx.merge(graphdef, p, r).encode(x)  # noqa: E731 - the system is abstract
     tokens = jax.eval_shape(encode, params, rest, image(1)).shape[1]
@@ -184,7 +184,7 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
 def _jit_restore(graphdef, cfg, mesh, params, rest):
     """The sample grids' guided restoration on the trainer's mesh and weight shardings (one face, R = 3)."""
     replicated = NamedSharding(mesh, P())
-    frozen = sharding.param_shardings(rest, mesh)
+    frozen = sharding.param_shardings(rest, mesh, cfg.mesh.shard_min_size)
 
     def run(params, rest, degraded, references, key):
         return restore.restore(nnx.merge(graphdef, params, rest), degraded, references, key,

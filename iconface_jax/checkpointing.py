@@ -71,6 +71,12 @@ class Checkpoints:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether all processes agreed to stop and save at `step` after one of them got SIGTERM (JAX's preemption
+        sync manager, started by `jax.distributed.initialize`, catches it); False in a single process. Every
+        process must call it after every step."""
+        return self.manager.reached_preemption(step)
+
 
 def _jsonable(data_state: Any) -> Any:
     # Grain iterators report their state as bytes of JSON.

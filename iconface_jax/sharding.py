@@ -14,13 +14,22 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = MESH_AXES  # a batch is split over every axis
+MIN_SHARD_SIZE = 2**16  # elements; smaller frozen weights are replicated (config.mesh.shard_min_size)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: all devices of all processes); -1 means 'the rest'."""
+    """A (data, fsdp) mesh over `devices` (default: all devices of all processes); -1 means 'the rest'.
+
+    `jax.make_mesh` lays the axes on the chips' physical topology (an fsdp group on neighbouring TPU chips),
+    which a reshape of the device list does not. Devices of several slices (TPU slices, or GPU hosts: JAX
+    gives each its own `slice_index`) have no fast links between them, and `jax.make_mesh` refuses them: then
+    each fsdp group stays inside one slice and `data` spans the slices. The axes are Auto: the trainer places
+    arrays by in/out shardings, not by sharding-in-types (this JAX's default is Explicit)."""
     devices = jax.devices() if devices is None else devices
     n = len(devices)
     if data == -1:
@@ -29,11 +38,20 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
         data = n // fsdp
     if data * fsdp != n:
         raise ValueError(f"mesh data={data} x fsdp={fsdp} = {data * fsdp} does not match the {n} devices")
-    return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
+    axis_types = (AxisType.Auto, AxisType.Auto)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh((data, fsdp), MESH_AXES, axis_types, devices=devices)
+    if data % slices:
+        raise ValueError(f"mesh fsdp={fsdp} does not fit in one of the {slices} slices (hosts) of {n // slices} "
+                         "devices: an fsdp group must not span the slow links between them")
+    grid = mesh_utils.create_hybrid_device_mesh((data // slices, fsdp), (slices, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
-def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**16) -> P:
-    """Shard the largest axis divisible by the fsdp size; replicate small or indivisible arrays."""
+def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = MIN_SHARD_SIZE) -> P:
+    """Shard the largest axis divisible by the fsdp size; replicate small (under `min_size` elements) or
+    indivisible arrays."""
     if fsdp == 1 or int(np.prod(shape)) < min_size:
         return P()
     for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
@@ -42,14 +60,19 @@ def param_spec(shape: tuple[int, ...], fsdp: int, min_size: int = 2**16) -> P:
     return P()
 
 
-def param_shardings(tree, mesh: Mesh):
+def param_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = MIN_SHARD_SIZE) -> NamedSharding:
+    """The fsdp sharding of a frozen weight of this shape (`param_spec`) on `mesh`."""
+    return NamedSharding(mesh, param_spec(shape, mesh.shape["fsdp"], min_size))
+
+
+def param_shardings(tree, mesh: Mesh, min_size: int = MIN_SHARD_SIZE):
     """The fsdp sharding of every array (or abstract array) of `tree`."""
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, mesh.shape["fsdp"])), tree)
+    return jax.tree.map(lambda x: param_sharding(x.shape, mesh, min_size), tree)
 
 
-def shard_params(tree, mesh: Mesh):
+def shard_params(tree, mesh: Mesh, min_size: int = MIN_SHARD_SIZE):
     """Places every array of `tree` with its fsdp sharding."""
-    return jax.device_put(tree, param_shardings(tree, mesh))
+    return jax.device_put(tree, param_shardings(tree, mesh, min_size))
 
 
 def replicate(tree, mesh: Mesh):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from iconface_jax import text
+from iconface_jax import text, weights
 from iconface_jax.models import adaface, flux2, iconface, lora, patchify, vae
 from iconface_jax.models.layers import Precision
 
@@ -56,13 +56,15 @@ def grid_of(height: int, width: int, tokens: int) -> tuple[int, int]:
     return height // stride, width // stride
 
 
-def build(cfg: ml_collections.ConfigDict) -> FaceSystem:
-    """The IConFace model with LoRA, the codec, the frozen face encoder and the prompt embeddings."""
+def build(cfg: ml_collections.ConfigDict, place: weights.Placement | None = None) -> FaceSystem:
+    """The IConFace model with LoRA, the codec, the frozen face encoder and the prompt embeddings; converted
+    weights are restored with the shardings `place(shape)` (the trainer's fsdp shardings), by default on one
+    device."""
     m = cfg.model
     precision = Precision.named(m.precision)
     backend = m.attention or None
     if m.weights:
-        backbone = flux2.load(m.weights, precision, attention_backend=backend, remat=m.remat)
+        backbone = flux2.load(m.weights, precision, attention_backend=backend, remat=m.remat, place=place)
     else:
         fields = {k: v for k, v in m.backbone.items() if k != "preset"}
         arch = dataclasses.replace(flux2.PRESETS[m.backbone.preset], **fields)
@@ -74,13 +76,13 @@ def build(cfg: ml_collections.ConfigDict) -> FaceSystem:
         lora.restore(backbone, m.lora_init, m.lora.rank, m.lora.alpha, targets)
     model = iconface.IConFace(backbone, iconface.IConFaceConfig(**m.iconface), seed=cfg.seed)
 
-    codec = build_autoencoder(m)
+    codec = build_autoencoder(m, place)
     if codec.token_channels != backbone.config.in_channels:
         source = m.weights or "config.model.backbone.in_channels"
         raise ValueError(f"the {m.autoencoder.kind} codec makes {codec.token_channels}-channel tokens but the "
                          f"transformer ({source}) takes {backbone.config.in_channels}")
     f = m.face_encoder
-    face = (adaface.load(f.weights) if f.weights else
+    face = (adaface.load(f.weights, place=place) if f.weights else
             adaface.AdaFace(adaface.AdaFaceConfig(units=f.units, channels=f.channels), rngs=nnx.Rngs(cfg.seed)))
     if m.text.embeddings:
         prompt, empty = text.load_prompt_embeddings(m.text.embeddings)
@@ -89,15 +91,16 @@ def build(cfg: ml_collections.ConfigDict) -> FaceSystem:
     return FaceSystem(model, codec, face, prompt, empty)
 
 
-def build_autoencoder(m: ml_collections.ConfigDict):
-    """The codec of a config's `model` section: the FLUX.2 VAE or the demo's patchify codec."""
+def build_autoencoder(m: ml_collections.ConfigDict, place: weights.Placement | None = None):
+    """The codec of a config's `model` section: the FLUX.2 VAE or the demo's patchify codec (converted weights
+    restored with the shardings `place(shape)`)."""
     precision = Precision.named(m.precision)
     if m.autoencoder.kind == "vae" and not m.autoencoder.weights:  # random, as every other part without weights
         config = dataclasses.replace(vae.DEFAULT, remat_decoder=m.autoencoder.remat_decoder)
         return vae.init(config, dtype=precision.dtype, param_dtype=precision.param_dtype)
     if m.autoencoder.kind == "vae":
         return vae.load(m.autoencoder.weights, dtype=precision.dtype, param_dtype=precision.param_dtype,
-                        remat_decoder=m.autoencoder.remat_decoder)
+                        place=place, remat_decoder=m.autoencoder.remat_decoder)
     if m.autoencoder.kind == "patchify":
         return patchify.PatchAutoencoder(m.autoencoder.factor)
     raise ValueError(f"config.model.autoencoder.kind {m.autoencoder.kind!r}: expected 'vae' or 'patchify'")

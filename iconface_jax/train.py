@@ -2,8 +2,9 @@
 
 Reads top to bottom: config -> mesh -> system (model, codec, face encoder, prompts) -> optimizer ->
 data -> restore from the workdir if a checkpoint exists -> loop (step, log, checkpoint, sample grids).
-The same config runs on one CPU, one GPU, many GPUs or a TPU pod; multi-host runs set
-`JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`.
+The same config runs on one CPU, one GPU, many GPUs or a TPU pod: every host runs the same command, and
+`hosts.init_distributed` joins the processes a Cloud TPU slice, SLURM or Open MPI started (or those that
+`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` describe).
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ import optax
 from absl import app, flags, logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from iconface_jax import checkpointing, flops, flow, losses, restore, sampling, sharding, storage
+from iconface_jax import checkpointing, flops, flow, hosts, losses, restore, sampling, sharding, storage
 from iconface_jax import system as face_system
 from iconface_jax.data import latents, pipeline
 from iconface_jax.models import flux2, iconface
@@ -35,16 +37,6 @@ from iconface_jax.models.layers import REMAT_POLICIES, Precision
 SCHEDULE_STEPS = 12  # the paper's sampling steps, which set the dynamic shift that training matches
 
 config_flags.DEFINE_config_file("config", "configs/demo.py", "training config file", lock_config=True)
-
-
-def init_distributed() -> None:
-    """Joins a multi-process run described by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID."""
-    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not address:
-        return
-    if jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need real collectives
-    jax.distributed.initialize(address, int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"]))
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -178,28 +170,36 @@ def init_state(params, tx: optax.GradientTransformation, t: ml_collections.Confi
     return state
 
 
-def jit_train_step(graphdef, tx: optax.GradientTransformation, t: ml_collections.ConfigDict, mesh, state, rest):
+def jit_train_step(graphdef, tx: optax.GradientTransformation, t: ml_collections.ConfigDict, mesh, state, rest,
+                   shard_min_size: int = sharding.MIN_SHARD_SIZE):
     """The jitted step (state, rest, batch) -> (state, metrics) with its shardings: training state replicated,
-    frozen weights over fsdp (`sharding.param_spec`), the batch over data and fsdp; the state donated.
+    frozen weights over fsdp (`sharding.param_spec`, arrays of `shard_min_size` elements or more), the batch
+    over data and fsdp; the state donated.
     `state` and `rest` may be abstract: `iconface_jax.aot` lowers this same function for other targets.
     Call it under `jax.set_mesh(mesh)` (splash attention runs per chip in a shard_map over that mesh)."""
     replicated = NamedSharding(mesh, P())
-    frozen = sharding.param_shardings(rest, mesh)
+    frozen = sharding.param_shardings(rest, mesh, shard_min_size)
     state_shardings = jax.tree.map(lambda _: replicated, state)
     return jax.jit(partial(train_step, graphdef=graphdef, tx=tx, t=t), donate_argnums=(0,),
                    in_shardings=(state_shardings, frozen, sharding.batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated))
 
 
-def sample_grid(system, preview, key, log_cfg) -> np.ndarray:
-    """Rows of degraded | first reference | restored without references | restored with them | ground truth."""
-    deg, refs, gt = (jnp.asarray(preview[k][: log_cfg.sample_count]) for k in ("deg", "refs", "gt"))
-    run = partial(restore.restore, steps=log_cfg.sample_steps, guidance=log_cfg.guidance)
+# The sample grids' restorations, each one program (one compile, kept for the run) rather than op by op.
+_restore = nnx.jit(restore.restore, static_argnames=("steps", "guidance"))
+
+
+def sample_grid(system, preview, key, log_cfg, mesh) -> np.ndarray:
+    """Rows of degraded | first reference | restored without references | restored with them | ground truth.
+    Every process calls it (the weights may be sharded across processes) with the same `preview`."""
+    deg, refs, gt, key = sharding.replicate(
+        [preview[k][: log_cfg.sample_count] for k in ("deg", "refs", "gt")] + [key], mesh)
+    run = partial(_restore, steps=log_cfg.sample_steps, guidance=log_cfg.guidance)
     without = run(system, deg, refs[:, :0], key)
     with_refs = run(system, deg, refs, key)
     cols = [deg, refs[:, 0], without, with_refs, gt]
     grid = jnp.concatenate([jnp.concatenate(list(c), axis=0) for c in cols], axis=1)
-    return np.asarray((grid + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    return multihost_utils.process_allgather((grid + 1) * 127.5, tiled=True).clip(0, 255).astype(np.uint8)
 
 
 def preview_batch(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
@@ -225,7 +225,9 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     cfg = flags.FLAGS.config
-    init_distributed()
+    launch = hosts.init_distributed()
+    if launch:
+        print(f"process {jax.process_index()} of {jax.process_count()} ({launch} launch)", flush=True)
     validate(cfg)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     jax.set_mesh(mesh)  # the context of every program this run compiles (splash attention shards over it)
@@ -236,13 +238,17 @@ def main(argv) -> None:
     if is_chief:  # what `python -m iconface_jax.restore --checkpoint WORKDIR` rebuilds the model from
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
 
-    system = face_system.build(cfg)
+    # Converted weights are read straight into their fsdp shardings; random ones are placed after the split.
+    system = face_system.build(cfg, partial(sharding.param_sharding, mesh=mesh, min_size=cfg.mesh.shard_min_size))
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
-    rest = sharding.shard_params(rest, mesh)
+    rest = sharding.shard_params(rest, mesh, cfg.mesh.shard_min_size)
     params = sharding.replicate(params, mesh)
     tx = make_optimizer(t)
     state = init_state(params, tx, t, cfg.seed)
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    frozen_mib = sum(x.nbytes for x in jax.tree.leaves(rest)) / 2**20
+    per_device_mib = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                         for x in jax.tree.leaves(rest)) / 2**20
 
     data = pipeline.make_iterator(cfg.data, global_batch_size=t.batch_size, seed=cfg.seed)
     checkpoints = checkpointing.Checkpoints(cfg.workdir, keep=log.keep)
@@ -253,18 +259,22 @@ def main(argv) -> None:
         data.set_state(data_state)
         print(f"resumed from step {start_step} in {cfg.workdir}", flush=True)
 
-    step_fn = jit_train_step(graphdef, tx, t, mesh, state, rest)
-    preview = preview_batch(cfg) if is_chief else None
+    step_fn = jit_train_step(graphdef, tx, t, mesh, state, rest, cfg.mesh.shard_min_size)
+    preview = preview_batch(cfg)  # on every process: all of them compute the sample grids
     writer = metrics_file = None
     if is_chief:
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.fspath(workdir / "tensorboard"))  # gs:// through google-cloud-storage
         metrics_file = storage.open_append(workdir / "metrics.jsonl")
     print(f"training {n_params:,} parameters on {jax.device_count()} device(s), mesh {dict(mesh.shape)}, "
-          f"steps {start_step}..{t.steps}", flush=True)
+          f"steps {start_step}..{t.steps}; frozen weights {frozen_mib:.2f} MiB, {per_device_mib:.2f} MiB per device",
+          flush=True)
 
     stop = {"signal": None}
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    if not jax.distributed.is_initialized():
+        # Several processes must stop at one step (the checkpoint save is collective): there JAX's preemption
+        # sync manager keeps SIGTERM and `checkpoints.reached_preemption` names the step all processes agreed on.
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     peak = flops.measure_peak(Precision.named(cfg.model.precision).dtype, 512)
     bb = system.model.backbone.config
     tokens_per_image = _tokens_per_image(system, (cfg.data.resolution, cfg.data.resolution))
@@ -311,18 +321,22 @@ def main(argv) -> None:
         done = running
         if step == t.stop_at:
             stop["signal"] = "stop_at"
+        if checkpoints.reached_preemption(step):
+            stop["signal"] = "preemption"
         paused = time.perf_counter()  # checkpoints and sample grids do not count against training throughput
         if step % log.checkpoint_every == 0 or step == t.steps or stop["signal"]:
             checkpoints.save(step, state, data_state, force=True)
-        if is_chief and (step % log.sample_every == 0 or step == t.steps):
+        if step % log.sample_every == 0 or step == t.steps:
             current = nnx.merge(graphdef, state.get("ema", state["params"]), rest)
-            grid = sample_grid(current, preview, jax.random.PRNGKey(cfg.seed), log)
-            writer.add_image("samples", grid, step, dataformats="HWC")
-            _write_png(workdir / f"samples_{step:06d}.png", grid)
+            grid = sample_grid(current, preview, jax.random.PRNGKey(cfg.seed), log, mesh)
+            if is_chief:
+                writer.add_image("samples", grid, step, dataformats="HWC")
+                _write_png(workdir / f"samples_{step:06d}.png", grid)
         window_start += time.perf_counter() - paused
     batches.close()
     if stop["signal"]:
-        reason = "SIGTERM" if stop["signal"] == signal.SIGTERM else f"train.stop_at={t.stop_at}"
+        reason = {signal.SIGTERM: "SIGTERM", "preemption": "SIGTERM (agreed by all processes)"}.get(
+            stop["signal"], f"train.stop_at={t.stop_at}")
         print(f"{reason} at step {step}: checkpoint saved, exiting", flush=True)
     checkpoints.close()
     if is_chief:

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -27,6 +27,7 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 PARAMS_ITEM = "state"
 CHUNK_BYTES = 512 * 2**20
+Placement = Callable[[tuple[int, ...]], jax.sharding.Sharding]  # a weight's shape -> its sharding
 
 
 class WeightsError(ValueError):
@@ -99,8 +100,10 @@ def read_config(src: str, family: str) -> dict[str, Any]:
     return meta["config"]
 
 
-def restore(model: nnx.Module, src: str, kinds: tuple[type, ...] = (nnx.Param,)) -> nnx.Module:
-    """Fills the model's variables of types `kinds` from `src`, casting to each variable's dtype."""
+def restore(model: nnx.Module, src: str, kinds: tuple[type, ...] = (nnx.Param,),
+            place: Placement | None = None) -> nnx.Module:
+    """Fills the model's variables of types `kinds` from `src`, casting to each variable's dtype; each array
+    restored with the sharding `place(shape)` (the trainer's fsdp shardings), by default on the first device."""
     targets = base_params(model, kinds)
     path = storage.path(src) / PARAMS_DIR
     if not (path / PARAMS_ITEM).is_dir():
@@ -115,9 +118,11 @@ def restore(model: nnx.Module, src: str, kinds: tuple[type, ...] = (nnx.Param,))
     for key, var in targets.items():
         if tuple(stored[key].shape) != tuple(var.get_value().shape):
             raise WeightsError(f"{src}: {key} has shape {tuple(stored[key].shape)}, the model expects {var.get_value().shape}")
-    # Restored straight onto the device in each variable's dtype, array by array: no host copy of the model.
+    # Restored straight onto the devices in each variable's dtype and final sharding, array by array: no host
+    # copy of the model, and on a mesh each process reads only its shards (never the whole model on one chip).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = {k: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=device)
+    abstract = {k: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
+                                        sharding=place(v.get_value().shape) if place else device)
                 for k, v in targets.items()}
     values = checkpointer.restore(path, ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))
     for key, var in targets.items():

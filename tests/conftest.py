@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,13 @@ def run_train(workdir, *overrides, env=None, check=True, timeout=600) -> subproc
     if check and out.returncode != 0:
         raise AssertionError(f"trainer failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (a multi-process run's coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def losses(workdir) -> dict[int, float]:

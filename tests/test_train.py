@@ -1,17 +1,18 @@
 """The trainer end to end on a toy config: resume exactness, preemption, multi-device and multi-process runs."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import ml_collections
+import numpy as np
 import pytest
 
-from conftest import ROOT, env_with, losses, run_train, toy_flags
+from conftest import ROOT, demo_config, env_with, free_port, losses, run_train, toy_flags
 
 # Runs that test something else skip the identity-loss path (decode + AdaFace gradients): less to compile.
 NO_ID = "--config.train.lambda_id=0.0"
@@ -64,12 +65,33 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert (tmp_path / "checkpoints" / str(step)).is_dir()
 
 
-def test_eight_simulated_devices_with_fsdp_match_one_device(tmp_path):
+@pytest.fixture(scope="module")
+def demo_backbone_dir(tmp_path_factory):
+    """The demo config's transformer (random, float32) as the converted weight directory `convert.flux2` writes."""
+    from iconface_jax import weights
+    from iconface_jax.models import flux2
+
+    m = demo_config().model
+    fields = {k: v for k, v in m.backbone.items() if k != "preset"}
+    arch = dataclasses.replace(flux2.PRESETS[m.backbone.preset], **fields)
+    model = flux2.build(arch, seed=5)
+    path = tmp_path_factory.mktemp("demo_backbone") / "flux2"
+    weights.save(str(path), flux2.FAMILY, dataclasses.asdict(arch),
+                 {k: np.asarray(v.get_value()) for k, v in weights.base_params(model).items()})
+    return path
+
+
+def test_eight_simulated_devices_with_fsdp_match_one_device(tmp_path, demo_backbone_dir):
+    """A frozen transformer read from converted weights straight into fsdp=2 shardings (arrays of 1024 elements
+    or more: the toy's large weights) trains as on one device."""
     same = ["--config.train.steps=2", "--config.train.batch_size=8", "--config.data.ref_count_probs=(0.0,1.0,0.0,0.0)",
-            NO_ID]
+            NO_ID, "--config.model.train_base=False", f"--config.model.weights={demo_backbone_dir}",
+            "--config.mesh.shard_min_size=1024"]
     out = run_train(tmp_path / "eight", *same, "--config.mesh.data=4", "--config.mesh.fsdp=2",
                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert "8 device(s), mesh {'data': 4, 'fsdp': 2}" in out.stdout
+    total, per_device = frozen_mib(out.stdout)
+    assert total > 5 and per_device < 0.52 * total, out.stdout  # the transformer's weights are most of it
     run_train(tmp_path / "one", *same)
     sharded, single = losses(tmp_path / "eight"), losses(tmp_path / "one")
     assert sharded.keys() == single.keys() == {1, 2}
@@ -77,27 +99,56 @@ def test_eight_simulated_devices_with_fsdp_match_one_device(tmp_path):
         assert abs(sharded[step] - single[step]) <= 1e-5 * abs(single[step]), (sharded, single)
 
 
-def test_two_processes_agree(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def frozen_mib(stdout: str) -> tuple[float, float]:
+    """(all frozen weights, their share on one device) in MiB, from the trainer's start-up line."""
+    total, per_device = stdout.split("frozen weights ")[1].split(" MiB per device")[0].split(" MiB, ")
+    return float(total), float(per_device)
+
+
+def test_two_processes_under_slurm_shard_sample_and_stop_together(tmp_path):
+    """Two CPU processes started as `srun` starts them (only SLURM's variables: the trainer detects the launch)
+    train on fsdp=2 with the frozen transformer really sharded, both compute the sample grids, and a SIGTERM to
+    process 1 alone stops both at the step they agreed on, with one checkpoint of it."""
     base = [sys.executable, "-m", "iconface_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
-            f"--config.workdir={tmp_path}", *toy_flags("--config.train.steps=3", "--config.log.checkpoint_every=3",
-                                                       "--config.data.ref_count_probs=(0.0,1.0,0.0,0.0)", NO_ID)]
+            f"--config.workdir={tmp_path}", *toy_flags(
+                "--config.train.steps=100000", "--config.log.checkpoint_every=100000",
+                "--config.data.ref_count_probs=(0.0,1.0,0.0,0.0)", NO_ID, "--config.mesh.fsdp=2",
+                "--config.model.train_base=False", "--config.mesh.shard_min_size=1024", "--config.log.sample_every=3",
+                "--config.log.sample_steps=2", "--config.log.sample_count=2")]
+    slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+                 JAX_COORDINATOR_PORT=str(free_port()))  # JAX's own override of the port it derives from the job id
+    logs = [tmp_path / f"process{pid}.log" for pid in range(2)]
     procs = []
-    for pid in range(2):
-        env = env_with(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(base, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=env))
+    for pid, log in enumerate(logs):
+        env = env_with(XLA_FLAGS="--xla_force_host_platform_device_count=2", SLURM_PROCID=str(pid),
+                       SLURM_LOCALID=str(pid), **slurm)
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(base, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, env=env))
         time.sleep(0.5)
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        deadline = time.monotonic() + 400
+        while "[process 1] step 4/" not in logs[1].read_text():  # past the sample grid of step 3
+            assert time.monotonic() < deadline and procs[1].poll() is None, logs[1].read_text()[-4000:]
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=200)
+    finally:  # a process left waiting for the other (a hang) is not left running
+        for p in procs:
+            p.kill()
+    outs = [log.read_text() for log in logs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
-    finals = [[line.split("loss ")[1].split()[0] for line in out.splitlines() if "step 3/3" in line] for out in outs]
-    assert finals[0] and finals[0] == finals[1], outs
-    assert "4 device(s)" in outs[0]
-    assert (tmp_path / "checkpoints" / "3").is_dir()
+    assert "process 1 of 2 (slurm launch)" in outs[1] and "4 device(s), mesh {'data': 2, 'fsdp': 2}" in outs[0]
+    total, per_device = frozen_mib(outs[0])
+    assert per_device < 0.52 * total, outs[0]
+    curves = [{line.split()[3]: line.split("loss ")[1].split()[0] for line in out.splitlines()
+               if line.startswith(f"[process {pid}] step ")} for pid, out in enumerate(outs)]
+    assert curves[0] == curves[1] and len(curves[0]) >= 4, curves
+    stops = [out.split("all processes) at step ")[1].split(":")[0] for out in outs]
+    assert stops[0] == stops[1], stops
+    assert os.listdir(tmp_path / "checkpoints") == [stops[0]]
+    assert (tmp_path / "samples_000003.png").is_file()
 
 
 def test_nonfinite_steps_stop_the_run_with_a_message(tmp_path):

@@ -35,6 +35,22 @@ def test_streamed_save_round_trips_in_chunks(tmp_path, partial_saves):
     assert sorted(os.listdir(tmp_path)) == ["w"]
 
 
+def test_restore_places_each_array_with_its_sharding(tmp_path):
+    """`place(shape)` is the sharding Orbax restores each array into (the trainer's fsdp shardings; here on a
+    one-device mesh, which tells them apart from the default single-device placement)."""
+    from iconface_jax import sharding
+
+    params = _params(0)
+    weights.save(str(tmp_path / "w"), "tiny", {"n": 1}, params)
+    mesh, shapes = sharding.make_mesh(), []
+    place = lambda shape: (shapes.append(shape), sharding.param_sharding(shape, mesh))[1]  # noqa: E731
+    model = weights.restore(Tiny(), str(tmp_path / "w"), place=place)
+    for key, var in weights.base_params(model).items():
+        assert var.get_value().sharding == sharding.param_sharding(var.get_value().shape, mesh), key
+        np.testing.assert_array_equal(np.asarray(var.get_value()), params[key])
+    assert sorted(shapes) == sorted(v.shape for v in params.values())
+
+
 def test_failing_stream_leaves_nothing(tmp_path, partial_saves):
     def stream():
         yield from list(_params(0).items())[:2]

@@ -166,12 +166,14 @@ class AdaFace(nnx.Module):
         return (embedding, norm, stages) if return_stages else (embedding, norm)
 
 
-def load(src: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, precision: Any = None) -> AdaFace:
-    """An AdaFace model from a directory written by `python -m convert.adaface` (no random init is run)."""
+def load(src: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, precision: Any = None,
+         place: weights.Placement | None = None) -> AdaFace:
+    """An AdaFace model from a directory written by `python -m convert.adaface` (no random init is run);
+    `place(shape)` is each weight's sharding (`weights.restore`)."""
     config = AdaFaceConfig.from_dict(weights.read_config(src, FAMILY))
     model = nnx.eval_shape(lambda: AdaFace(config, dtype=dtype, param_dtype=param_dtype, precision=precision,
                                            rngs=nnx.Rngs(0)))
-    return weights.restore(model, src)
+    return weights.restore(model, src, place=place)
 
 
 def embed_faces(model: AdaFace, rgb: jax.Array) -> tuple[jax.Array, jax.Array]:

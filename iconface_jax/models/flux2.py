@@ -425,10 +425,11 @@ def build(cfg: Flux2Config, precision: Precision = Precision(), seed: int = 0,
 
 
 def load(path: str, precision: Precision = Precision(), attention_backend: str | None = None,
-         remat: str = "none") -> Flux2Transformer:
-    """A ready transformer from a directory written by `python -m convert.flux2`."""
+         remat: str = "none", place: weights.Placement | None = None) -> Flux2Transformer:
+    """A ready transformer from a directory written by `python -m convert.flux2`; `place(shape)` is each
+    weight's sharding (`weights.restore`)."""
     stored = weights.read_config(path, FAMILY)
     cfg = Flux2Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
     model = nnx.eval_shape(lambda: Flux2Transformer(cfg, precision=precision, rngs=nnx.Rngs(0),
                                                     attention_backend=attention_backend, remat=remat))
-    return weights.restore(model, path)
+    return weights.restore(model, path, place=place)

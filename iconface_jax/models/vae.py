@@ -332,11 +332,12 @@ def param_count(config: VAEConfig = DEFAULT, prefix: str = "") -> int:
 
 
 def load(src: str, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-         **overrides: Any) -> AutoencoderKLFlux2:
-    """The VAE stored in the converted directory `src`; `overrides` replace config fields (`remat_decoder`)."""
+         place: weights.Placement | None = None, **overrides: Any) -> AutoencoderKLFlux2:
+    """The VAE stored in the converted directory `src`; `overrides` replace config fields (`remat_decoder`);
+    `place(shape)` is each weight's sharding (`weights.restore`)."""
     config = dataclasses.replace(VAEConfig.from_dict(weights.read_config(src, FAMILY)), **overrides)
     model = abstract(config, dtype=dtype, param_dtype=param_dtype)
-    return weights.restore(model, src, kinds=(nnx.Param, nnx.BatchStat))
+    return weights.restore(model, src, kinds=(nnx.Param, nnx.BatchStat), place=place)
 
 
 def patchify(latents: jax.Array, patch: tuple[int, int] = (2, 2)) -> jax.Array:
