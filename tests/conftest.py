@@ -76,9 +76,13 @@ def env_with(**extra) -> dict[str, str]:
 
 
 def toy_flags(*overrides: str) -> list[str]:
-    """TOY with `overrides` in place of its flags of the same field (the trainer refuses a field given twice)."""
-    keys = {o.split("=", 1)[0] for o in overrides}
-    return [f for f in TOY if f.split("=", 1)[0] not in keys] + list(overrides)
+    """TOY and `overrides`, each field once, the last flag of a field winning (the trainer refuses a field given
+    twice)."""
+    flags = {}
+    for flag in (*TOY, *overrides):
+        flags.pop(flag.split("=", 1)[0], None)
+        flags[flag.split("=", 1)[0]] = flag
+    return list(flags.values())
 
 
 def run_train(workdir, *overrides, env=None, check=True, timeout=600) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,50 +106,110 @@ def frozen_mib(stdout: str) -> tuple[float, float]:
     return float(total), float(per_device)
 
 
-def test_two_processes_under_slurm_shard_sample_and_stop_together(tmp_path):
-    """Two CPU processes started as `srun` starts them (only SLURM's variables: the trainer detects the launch)
-    train on fsdp=2 with the frozen transformer really sharded, both compute the sample grids, and a SIGTERM to
-    process 1 alone stops both at the step they agreed on, with one checkpoint of it."""
-    base = [sys.executable, "-m", "iconface_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
-            f"--config.workdir={tmp_path}", *toy_flags(
-                "--config.train.steps=100000", "--config.log.checkpoint_every=100000",
-                "--config.data.ref_count_probs=(0.0,1.0,0.0,0.0)", NO_ID, "--config.mesh.fsdp=2",
-                "--config.model.train_base=False", "--config.mesh.shard_min_size=1024", "--config.log.sample_every=3",
-                "--config.log.sample_steps=2", "--config.log.sample_count=2")]
+# Two processes of two devices each, or one process of four: the same (data 2, fsdp 2) mesh and global batch,
+# the frozen transformer sharded for real (arrays of 1024 elements or more), sample grids every 3 steps.
+MULTI = ("--config.train.steps=100000", "--config.log.checkpoint_every=100000",
+         "--config.data.ref_count_probs=(0.0,1.0,0.0,0.0)", NO_ID, "--config.mesh.fsdp=2",
+         "--config.model.train_base=False", "--config.mesh.shard_min_size=1024", "--config.log.sample_every=3",
+         "--config.log.sample_steps=2", "--config.log.sample_count=2")
+
+
+def start_two_processes(workdir, *overrides: str) -> tuple[list[subprocess.Popen], list]:
+    """Two trainer processes on MULTI, started as `srun` starts them (only SLURM's variables: the trainer detects
+    the launch), each logging to workdir/processN.log."""
+    cmd = [sys.executable, "-m", "iconface_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
+           f"--config.workdir={workdir}", *toy_flags(*MULTI, *overrides)]
     slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
                  JAX_COORDINATOR_PORT=str(free_port()))  # JAX's own override of the port it derives from the job id
-    logs = [tmp_path / f"process{pid}.log" for pid in range(2)]
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs = [workdir / f"process{pid}.log" for pid in range(2)]
     procs = []
     for pid, log in enumerate(logs):
         env = env_with(XLA_FLAGS="--xla_force_host_platform_device_count=2", SLURM_PROCID=str(pid),
                        SLURM_LOCALID=str(pid), **slurm)
         with open(log, "w") as f:
-            procs.append(subprocess.Popen(base, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, env=env))
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True, env=env))
         time.sleep(0.5)
+    return procs, logs
+
+
+def finish(procs: list[subprocess.Popen], logs: list, timeout: float = 300) -> list[str]:
+    """Waits for both processes (a process left waiting for the other, a hang, is killed) and returns their logs."""
     try:
-        deadline = time.monotonic() + 400
-        while "[process 1] step 4/" not in logs[1].read_text():  # past the sample grid of step 3
-            assert time.monotonic() < deadline and procs[1].poll() is None, logs[1].read_text()[-4000:]
-            time.sleep(0.5)
-        procs[1].send_signal(signal.SIGTERM)
         for p in procs:
-            p.wait(timeout=200)
-    finally:  # a process left waiting for the other (a hang) is not left running
+            p.wait(timeout=timeout)
+    finally:
         for p in procs:
             p.kill()
     outs = [log.read_text() for log in logs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def slurm_run(tmp_path_factory):
+    """(workdir, both processes' logs, the step they stopped at) of a two-process run that a SIGTERM to process 1
+    alone stopped past the sample grid of step 3."""
+    workdir = tmp_path_factory.mktemp("slurm_run")
+    procs, logs = start_two_processes(workdir)
+    deadline = time.monotonic() + 400
+    while "[process 1] step 4/" not in logs[1].read_text():
+        if time.monotonic() > deadline or procs[1].poll() is not None:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"process 1 did not reach step 4:\n{logs[1].read_text()[-4000:]}")
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = finish(procs, logs, timeout=200)
+    stops = [int(out.split("all processes) at step ")[1].split(":")[0]) for out in outs]
+    assert stops[0] == stops[1], stops
+    return workdir, outs, stops[0]
+
+
+def test_two_processes_under_slurm_shard_sample_and_stop_together(slurm_run):
+    """Both processes joined as SLURM's tasks, the frozen weights are sharded, both compute the sample grids, and
+    the SIGTERM to one stops both at the step they agreed on, with one checkpoint of it."""
+    workdir, outs, stop = slurm_run
     assert "process 1 of 2 (slurm launch)" in outs[1] and "4 device(s), mesh {'data': 2, 'fsdp': 2}" in outs[0]
     total, per_device = frozen_mib(outs[0])
     assert per_device < 0.52 * total, outs[0]
     curves = [{line.split()[3]: line.split("loss ")[1].split()[0] for line in out.splitlines()
                if line.startswith(f"[process {pid}] step ")} for pid, out in enumerate(outs)]
     assert curves[0] == curves[1] and len(curves[0]) >= 4, curves
-    stops = [out.split("all processes) at step ")[1].split(":")[0] for out in outs]
-    assert stops[0] == stops[1], stops
-    assert os.listdir(tmp_path / "checkpoints") == [stops[0]]
-    assert (tmp_path / "samples_000003.png").is_file()
+    assert os.listdir(workdir / "checkpoints") == [str(stop)]
+    assert (workdir / "samples_000003.png").is_file()
+
+
+def assert_same_losses(got: dict[int, float], want: dict[int, float], steps) -> None:
+    """Equal up to the reduction order (gloo's collectives across processes, XLA's within one)."""
+    for step in steps:
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got, want)
+
+
+def test_two_processes_train_as_one_and_resume_across_process_counts(slurm_run, tmp_path):
+    """The two-process run's losses equal one process's on the same four devices and global batch; its
+    checkpoint resumes under one process, and one process's checkpoint under two, continuing that curve."""
+    workdir, _, stop = slurm_run
+    one = tmp_path / "one"
+    run_train(one, *MULTI, f"--config.train.stop_at={stop + 2}", "--config.log.checkpoint_every=2",
+              "--config.log.keep=100", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    single = losses(one)
+    assert sorted(single) == list(range(1, stop + 3))
+    assert_same_losses(losses(workdir), single, range(1, stop + 1))
+
+    two_to_one = tmp_path / "two_to_one"
+    shutil.copytree(workdir / "checkpoints", two_to_one / "checkpoints")
+    out = run_train(two_to_one, *MULTI, f"--config.train.stop_at={stop + 2}",
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert f"resumed from step {stop}" in out.stdout
+    assert_same_losses(losses(two_to_one), single, (stop + 1, stop + 2))
+
+    one_to_two = tmp_path / "one_to_two"
+    shutil.copytree(one / "checkpoints" / "2", one_to_two / "checkpoints" / "2")
+    outs = finish(*start_two_processes(one_to_two, "--config.train.stop_at=4"))
+    assert "resumed from step 2" in outs[0]
+    assert_same_losses(losses(one_to_two), single, (3, 4))
 
 
 def test_nonfinite_steps_stop_the_run_with_a_message(tmp_path):
@@ -203,15 +264,24 @@ def test_batch_must_divide_the_devices(tmp_path):
                                     "Did you mean \"batch_size\" instead of \"bacth_size\"?"),
     ("--config.train.stepz=3", "flag --config.train.stepz=3: the config has no field 'stepz'; "
                                "Did you mean \"steps\" instead of \"stepz\"?"),
-    ("--config.data.ref_count_probs=(0.0,1.0,0.0,0.0) --config.data.ref_count_probs=(1.0,0.0,0.0,0.0)",
-     "flag --config.data.ref_count_probs is given twice (--config.data.ref_count_probs=(0.0,1.0,0.0,0.0), "
-     "--config.data.ref_count_probs=(1.0,0.0,0.0,0.0)); give it once"),
 ])
-def test_bad_config_flags_are_refused_in_one_line(tmp_path, override, message):
-    out = run_train(tmp_path, *override.split(), check=False, timeout=120)
+def test_unknown_config_key_is_refused_in_one_line(tmp_path, override, message):
+    out = run_train(tmp_path, override, check=False, timeout=120)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == f"FATAL Flags parsing error: {message}", out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_a_field_given_twice_is_refused_in_one_line(tmp_path):
+    """absl's config flags append a tuple field given twice to its first value: the trainer refuses it."""
+    first, second = "--config.data.ref_count_probs=(0.0,1.0,0.0,0.0)", "--config.data.ref_count_probs=(1.0,0.0)"
+    out = subprocess.run([sys.executable, "-m", "iconface_jax.train", "--config", str(ROOT / "configs" / "demo.py"),
+                          f"--config.workdir={tmp_path}", first, second],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, env=env_with())
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"FATAL Flags parsing error: flag --config.data.ref_count_probs is given twice ({first}, {second}); "
+        "give it once"), out.stderr[-2000:]
 
 
 def test_demo_config_is_a_configdict():
