@@ -35,6 +35,7 @@ import argparse
 import ast
 import csv
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -88,7 +89,7 @@ def read_rows(csv_path: str, image_dir: str, lq_dir: str, ref_dir: str, dataset:
 
     An optional `dataset` column groups the rows in the summary (else every row belongs to `dataset`).
     """
-    with open(csv_path, newline="") as f:
+    with io.StringIO(storage.path(csv_path).read_text(), newline="") as f:  # local or gs://
         reader = csv.DictReader(f)
         if not {"gt_image", "lq_image"} & set(reader.fieldnames or ()):
             raise ValueError(f"{csv_path}: needs a gt_image or lq_image column (has {reader.fieldnames})")

@@ -128,18 +128,17 @@ def jobs_from_args(args) -> list[tuple[str, list[str], str]]:
     """(degraded path, reference paths, output path) for every image the command line names."""
     if args.input:
         return [(args.input, list(args.ref), args.output)]
-    if args.input_dir:
-        names = sorted(n for n in os.listdir(args.input_dir) if n.lower().endswith(IMAGE_EXTS))
+    if args.input_dir:  # the inputs (and references) local or gs://, the outputs local
+        names = sorted(p.name for p in storage.path(args.input_dir).iterdir() if p.name.lower().endswith(IMAGE_EXTS))
         jobs = []
         for name in names:
             stem = os.path.splitext(name)[0]
             ref_dir = os.path.join(args.ref_dir, stem) if args.ref_dir else ""
-            refs = sorted(os.path.join(ref_dir, r) for r in os.listdir(ref_dir)
-                          if r.lower().endswith(IMAGE_EXTS)) if os.path.isdir(ref_dir) else []
+            refs = sorted(os.path.join(ref_dir, p.name) for p in storage.path(ref_dir).iterdir()
+                          if p.name.lower().endswith(IMAGE_EXTS)) if ref_dir and storage.path(ref_dir).is_dir() else []
             jobs.append((os.path.join(args.input_dir, name), refs, os.path.join(args.output_dir, stem + ".png")))
         return jobs
-    with open(args.csv) as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(storage.path(args.csv).read_text(), newline="")))
     jobs = []
     for i, row in enumerate(rows):
         if "lq_image" not in row or "ref_image" not in row:

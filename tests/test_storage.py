@@ -3,6 +3,7 @@
 bucket; what is written only locally refusing `gs://` by name."""
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from PIL import Image
 
 from conftest import ROOT, losses, run_train
 
-from iconface_jax import restore, storage, text, weights
+from iconface_jax import evaluate, restore, storage, text, weights
 from iconface_jax.data import latents, pipeline, sources, synthetic
 
 BUCKET = "bkt"
@@ -120,6 +121,17 @@ def test_ffhq_ref_csv_and_images_in_a_bucket(gcs_env):
     np.testing.assert_array_equal(sources.decode(source.fetch(source.records[4].gt), 32, 1)[0], faces.fetch(4))
     batch = next(it)
     assert batch["gt"].shape == (2, 32, 32, 3) and np.isfinite(batch["deg"]).all()
+
+    # The same bucket through evaluate's CSV reader and restore's folder and CSV forms.
+    storage.path(f"{root}/eval.csv").write_text('gt_image,ref_image\n01001.png,"[\'01000.png\']"\n')
+    (row,) = evaluate.read_rows(f"{root}/eval.csv", *[f"{root}/images"] * 3, "bucket")
+    assert (row.gt, row.refs) == (f"{root}/images/01000/01001.png", (f"{root}/images/01000/01000.png",))
+    folder = argparse.Namespace(input="", input_dir=f"{root}/images/01000", ref_dir=f"{root}/images", output_dir="out")
+    assert [job[0] for job in restore.jobs_from_args(folder)] == [f"{root}/images/01000/{n}" for n in names[3:]]
+    storage.path(f"{root}/restore.csv").write_text('lq_image,ref_image\n00001.png,"[\'00000.png\']"\n')
+    rows = argparse.Namespace(input="", input_dir="", csv=f"{root}/restore.csv", image_dir=f"{root}/images",
+                              output_dir="out")
+    assert restore.jobs_from_args(rows) == [(f"{root}/images/00001.png", [f"{root}/images/00000.png"], "out/00001.png")]
 
 
 def test_weights_and_prompt_embeddings_read_from_a_bucket(gcs_env, tmp_path):
