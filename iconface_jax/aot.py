@@ -195,6 +195,7 @@ def _jit_restore(graphdef, cfg, mesh, params, rest):
 
 def _measure(name: str, refs: int, global_batch: int, fn, args, mesh, target: Target, kernel_flops: float) -> dict:
     """Compiles `fn` for `args` under the mesh; memory per chip as XLA plans it, FLOPs and bytes per chip."""
+    print(f"compiling {name} (global batch {global_batch}) for {target.name} ...", flush=True)  # minutes at full size
     start = time.perf_counter()
     # Without a device XLA:GPU cannot autotune its Triton GEMM tilings, and for some float32 dots its default
     # finds none ("Couldn't find output tile sizes"): compile those dots as cuBLAS calls.
@@ -202,6 +203,7 @@ def _measure(name: str, refs: int, global_batch: int, fn, args, mesh, target: Ta
     with jax.set_mesh(mesh):
         compiled = fn.lower(*args).compile(options)
     compile_s = time.perf_counter() - start
+    print(f"  compiled in {compile_s:.0f} s", flush=True)
     m = compiled.memory_analysis()
     cost = _cost(compiled, target)
     flop = cost.get("flops", 0.0) + kernel_flops
