@@ -203,7 +203,6 @@ def _measure(name: str, refs: int, global_batch: int, fn, args, mesh, target: Ta
     with jax.set_mesh(mesh):
         compiled = fn.lower(*args).compile(options)
     compile_s = time.perf_counter() - start
-    print(f"  compiled in {compile_s:.0f} s", flush=True)
     m = compiled.memory_analysis()
     cost = _cost(compiled, target)
     flop = cost.get("flops", 0.0) + kernel_flops
@@ -211,6 +210,7 @@ def _measure(name: str, refs: int, global_batch: int, fn, args, mesh, target: Ta
     seconds = max(flop / (target.chip.peak_tflops * 1e12), bytes_accessed / (target.chip.hbm_tb_s * 1e12))
     gb = lambda n: round(n / 2**30, 2)  # noqa: E731
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    print(f"  compiled in {compile_s:.0f} s: {gb(total)} GB per chip, {flop / 1e12:.2f} TFLOP", flush=True)
     return dict(name=name, R=refs, global_batch=global_batch, compile_s=round(compile_s, 1),
                 arguments_gb=gb(m.argument_size_in_bytes), temp_gb=gb(m.temp_size_in_bytes), total_gb=gb(total),
                 tflop=round(flop / 1e12, 3), bytes_accessed_gb=gb(bytes_accessed), roofline_ms=round(seconds * 1e3, 2),
