@@ -35,7 +35,6 @@ import argparse
 import ast
 import csv
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -89,33 +88,32 @@ def read_rows(csv_path: str, image_dir: str, lq_dir: str, ref_dir: str, dataset:
 
     An optional `dataset` column groups the rows in the summary (else every row belongs to `dataset`).
     """
-    with io.StringIO(storage.path(csv_path).read_text(), newline="") as f:  # local or gs://
-        reader = csv.DictReader(f)
-        if not {"gt_image", "lq_image"} & set(reader.fieldnames or ()):
-            raise ValueError(f"{csv_path}: needs a gt_image or lq_image column (has {reader.fieldnames})")
-        rows = []
-        for i, raw in enumerate(reader):
-            where = f"{csv_path} row {i + 2}"  # the header is line 1
+    reader = storage.read_csv(csv_path)  # local or gs://
+    if not {"gt_image", "lq_image"} & set(reader.fieldnames or ()):
+        raise ValueError(f"{csv_path}: needs a gt_image or lq_image column (has {reader.fieldnames})")
+    rows = []
+    for i, raw in enumerate(reader):
+        where = f"{csv_path} row {i + 2}"  # the header is line 1
 
-            def resolve(name: str, directory: str) -> str:
-                # FFHQ's nested layout (00000/00000.png) is found as the training pipeline finds it.
-                path = sources.resolve_image(name, directory)
-                if path is None:
-                    raise ValueError(f"{where}: {os.path.join(directory, name)} does not exist")
-                return path
+        def resolve(name: str, directory: str) -> str:
+            # FFHQ's nested layout (00000/00000.png) is found as the training pipeline finds it.
+            path = sources.resolve_image(name, directory)
+            if path is None:
+                raise ValueError(f"{where}: {os.path.join(directory, name)} does not exist")
+            return path
 
-            try:
-                ref_names = ast.literal_eval((raw.get("ref_image") or "").strip() or "[]")
-            except (ValueError, SyntaxError):
-                raise ValueError(f"{where}: ref_image {raw.get('ref_image')!r} is not a Python list literal") from None
-            ref_names = [ref_names] if isinstance(ref_names, str) else list(ref_names)
-            gt_name, lq_name = (raw.get("gt_image") or "").strip(), (raw.get("lq_image") or "").strip()
-            if not gt_name and not lq_name:
-                raise ValueError(f"{where}: neither gt_image nor lq_image is given")
-            rows.append(Row(i, (raw.get("dataset") or "").strip() or dataset,
-                            resolve(gt_name, image_dir) if gt_name else None,
-                            resolve(lq_name, lq_dir) if lq_name else None,
-                            tuple(resolve(str(r), ref_dir) for r in ref_names)))
+        try:
+            ref_names = ast.literal_eval((raw.get("ref_image") or "").strip() or "[]")
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{where}: ref_image {raw.get('ref_image')!r} is not a Python list literal") from None
+        ref_names = [ref_names] if isinstance(ref_names, str) else list(ref_names)
+        gt_name, lq_name = (raw.get("gt_image") or "").strip(), (raw.get("lq_image") or "").strip()
+        if not gt_name and not lq_name:
+            raise ValueError(f"{where}: neither gt_image nor lq_image is given")
+        rows.append(Row(i, (raw.get("dataset") or "").strip() or dataset,
+                        resolve(gt_name, image_dir) if gt_name else None,
+                        resolve(lq_name, lq_dir) if lq_name else None,
+                        tuple(resolve(str(r), ref_dir) for r in ref_names)))
     if not rows:
         raise ValueError(f"{csv_path}: no rows")
     return rows

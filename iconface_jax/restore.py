@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import csv
 import importlib.util
 import io
 import json
@@ -138,7 +137,7 @@ def jobs_from_args(args) -> list[tuple[str, list[str], str]]:
                           if p.name.lower().endswith(IMAGE_EXTS)) if ref_dir and storage.path(ref_dir).is_dir() else []
             jobs.append((os.path.join(args.input_dir, name), refs, os.path.join(args.output_dir, stem + ".png")))
         return jobs
-    rows = list(csv.DictReader(io.StringIO(storage.path(args.csv).read_text(), newline="")))
+    rows = list(storage.read_csv(args.csv))
     jobs = []
     for i, row in enumerate(rows):
         if "lq_image" not in row or "ref_image" not in row:

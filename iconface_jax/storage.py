@@ -7,6 +7,7 @@ which objects do not support either, goes through `open_append`.
 """
 from __future__ import annotations
 
+import csv
 import io
 import os
 import time
@@ -22,6 +23,11 @@ def is_remote(p: str | os.PathLike) -> bool:
 def path(p: str | os.PathLike) -> epath.Path:
     """`p` as an `epath.Path`: a URI as it is, a local path made absolute (Orbax requires absolute paths)."""
     return epath.Path(p if is_remote(p) else os.path.abspath(p))
+
+
+def read_csv(p: str | os.PathLike) -> csv.DictReader:
+    """A `csv.DictReader` over the whole text of a local or `gs://` CSV file (read at once: they are small)."""
+    return csv.DictReader(io.StringIO(path(p).read_text(), newline=""))
 
 
 def open_append(p: epath.Path) -> io.TextIOBase:

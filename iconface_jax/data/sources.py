@@ -23,7 +23,6 @@ unsupported or tiny images; the pipeline counts those, logs them and substitutes
 from __future__ import annotations
 
 import ast
-import csv
 import dataclasses
 import io
 import logging
@@ -227,7 +226,7 @@ class FFHQRefSource:
         self.records: list[Record] = []
         for directory in {image_dir, lq_dir, ref_dir} - {""}:
             _list_tree(directory)
-        reader = csv.DictReader(io.StringIO(storage.path(csv_path).read_bytes().decode(), newline=""))
+        reader = storage.read_csv(csv_path)
         missing_cols = {"gt_image", "ref_image"} - set(reader.fieldnames or ())
         if missing_cols:
             raise ValueError(f"{csv_path}: missing column(s) {sorted(missing_cols)}")
