@@ -22,6 +22,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.model.backbone = ml_collections.ConfigDict(dict(
         preset="tiny", in_channels=192, num_layers=1, num_single_layers=2, num_attention_heads=6,
         attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8), mlp_ratio=2.0, joint_attention_dim=32))
+    # Random init of the backbone: "torch" (torch.nn.Linear's) or "adaln_zero" (DiT's, for training from scratch).
+    c.model.init = "torch"
     c.model.precision = "float32"
     c.model.attention = ""  # backend; empty: the platform default
     c.model.remat = "none"  # transformer blocks: none | full (keep block inputs) | save_dots (and matmul outputs)

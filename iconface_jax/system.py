@@ -68,7 +68,8 @@ def build(cfg: ml_collections.ConfigDict, place: weights.Placement | None = None
     else:
         fields = {k: v for k, v in m.backbone.items() if k != "preset"}
         arch = dataclasses.replace(flux2.PRESETS[m.backbone.preset], **fields)
-        backbone = flux2.build(arch, precision, seed=cfg.seed, attention_backend=backend, remat=m.remat)
+        backbone = flux2.build(arch, precision, seed=cfg.seed, attention_backend=backend, remat=m.remat,
+                                   init=m.get("init", "torch"))
     # Workdirs from before `lora.targets` named their set by `feed_forward`.
     targets = m.lora.get("targets") or ("flux2_klein_full" if m.lora.get("feed_forward") else "attention")
     lora.add_lora(backbone, m.lora.rank, m.lora.alpha, lora.preset_targets(targets), seed=cfg.seed)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import Flux2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+import jax.numpy as jnp
 from flax import nnx
 from safetensors.torch import save_file
 
@@ -275,3 +276,33 @@ def test_converted_config_round_trips(converted):
         meta = json.load(f)
     assert meta["family"] == "flux2"
     assert flux2.Flux2Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()}) == CFG
+
+
+def test_adaln_zero_init_starts_every_block_as_identity():
+    """DiT's adaLN-Zero: zero gates make each block the identity and the zero head outputs 0."""
+    model = flux2.build(CFG, seed=1, init="adaln_zero")
+    x, ctx, img_ids, txt_ids = make_inputs()
+    t = np.asarray([0.3, 0.9], np.float32)
+    c = model.conditioning(t, img_ids, txt_ids)
+    img, txt = model.x_embedder(x), model.context_embedder(ctx)
+    for block in model.transformer_blocks:
+        img2, txt2, _ = block(img, txt, c.mod_img, c.mod_txt, c.rope)
+        np.testing.assert_array_equal(np.asarray(img2), np.asarray(img))
+        np.testing.assert_array_equal(np.asarray(txt2), np.asarray(txt))
+    joint = np.concatenate([txt, img], axis=1)
+    for block in model.single_transformer_blocks:
+        np.testing.assert_array_equal(np.asarray(block(joint, c.mod_single, c.rope)[0]), joint)
+    np.testing.assert_array_equal(np.asarray(model(x, ctx, t, img_ids, txt_ids)), 0.0)
+
+    def loss(m):
+        return jnp.sum(jnp.square(m(x, ctx, t, img_ids, txt_ids) - 1.0))
+    grads = nnx.grad(loss)(model)
+    # Only the output projection sees gradient at the first step (its input LN(h) is not zero; everything
+    # before it is reached through its zero kernel); the gates follow once it has moved.
+    assert float(jnp.abs(grads.proj_out.kernel[...]).max()) > 0
+    for name in ("norm_out", "single_stream_modulation", "double_stream_modulation_img"):
+        assert float(jnp.abs(getattr(grads, name).linear.kernel[...]).max()) == 0.0, name
+    # The torch init differs: its output is not zero.
+    assert float(np.abs(np.asarray(flux2.build(CFG, seed=1)(x, ctx, t, img_ids, txt_ids))).max()) > 0
+    with pytest.raises(ValueError, match="unknown init 'xavier'"):
+        flux2.build(CFG, init="xavier")

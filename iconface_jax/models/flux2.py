@@ -417,11 +417,27 @@ def count_params(cfg: Flux2Config) -> int:
     return sum(int(np.prod(v.get_value().shape)) for v in weights.base_params(model).values())
 
 
+INITS = ("torch", "adaln_zero")
+
+
 def build(cfg: Flux2Config, precision: Precision = Precision(), seed: int = 0,
-          attention_backend: str | None = None, remat: str = "none") -> Flux2Transformer:
-    """A randomly initialised transformer (benchmarks, tests, training from scratch)."""
-    return Flux2Transformer(cfg, precision=precision, rngs=nnx.Rngs(seed), attention_backend=attention_backend,
-                            remat=remat)
+          attention_backend: str | None = None, remat: str = "none", init: str = "torch") -> Flux2Transformer:
+    """A randomly initialised transformer (benchmarks, tests, training from scratch).
+
+    init "torch": every Linear as torch.nn.Linear (random models behave like diffusers'); "adaln_zero": then
+    DiT's adaLN-Zero for training from scratch (Peebles and Xie 2023, sec. 3.2): the shared modulations, the
+    output norm's modulation and the output projection start at zero, so every block starts as the identity
+    and the model's output at 0.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+    model = Flux2Transformer(cfg, precision=precision, rngs=nnx.Rngs(seed), attention_backend=attention_backend,
+                             remat=remat)
+    if init == "adaln_zero":
+        for layer in (model.double_stream_modulation_img.linear, model.double_stream_modulation_txt.linear,
+                      model.single_stream_modulation.linear, model.norm_out.linear, model.proj_out):
+            layer.kernel[...] = jnp.zeros_like(layer.kernel[...])
+    return model
 
 
 def load(path: str, precision: Precision = Precision(), attention_backend: str | None = None,
