@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 
-from iconface_jax import checkpointing, sampling, storage
+from iconface_jax import checkpointing, flow, sampling, storage
 from iconface_jax import system as face_system
 from iconface_jax.data import sources
 from iconface_jax.system import FaceSystem, grid_of
@@ -45,20 +45,41 @@ def restore(system: FaceSystem, degraded: jax.Array, references: jax.Array, key:
 def restore_tokens(system: FaceSystem, degraded: jax.Array, references: jax.Array, noise: jax.Array,
                    steps: int = 12, guidance: float = 4.0, on_step=None) -> jax.Array:
     """Restored scene tokens z0 (B, L, C), sampled from the initial tokens `noise` (B, L, C)."""
-    b, h, w, _ = degraded.shape
-    x_deg, x_refs = system.encode(degraded), system.encode(references)
-    grid = grid_of(h, w, x_deg.shape[1])
-    e_id = system.anchor(degraded, references)
-    text = jnp.concatenate([jnp.broadcast_to(system.prompt[...], (b, *system.prompt.shape)),
-                            jnp.broadcast_to(system.empty[...], (b, *system.empty.shape))]).astype(x_deg.dtype)
-    # Conditions (and the reference cache) once per image; both guidance branches see the same images.
-    cond = system.model.condition(x_deg, x_refs, e_id, grid=grid)
+    cond, text = conditions(system, degraded, references)
+    # Both guidance branches see the same images.
     cond = jax.tree.map(lambda x: jnp.concatenate([x, x]), cond)
 
     def velocity(z2, sigma2):
         return system.model.velocity(z2, text, sigma2, cond)
 
-    return sampling.sample(velocity, noise, sampling.schedule(steps, x_deg.shape[1]), guidance, on_step)
+    return sampling.sample(velocity, noise, sampling.schedule(steps, noise.shape[1]), guidance, on_step)
+
+
+def posterior_mean(system: FaceSystem, degraded: jax.Array, references: jax.Array, key: jax.Array) -> jax.Array:
+    """The model's one-step clean estimate from pure noise (sigma 1, the prompt's branch), images (B, H, W, 3).
+
+    At sigma 1 the noisy input carries nothing about the image, so a trained model's estimate there is its
+    posterior mean E[x | degraded, references]: the regression its samples scatter around. A perfect sampler's
+    samples have twice its mean squared error (BUILD_NOTES.md, 2026-12-02), so it separates what the model
+    knows from what sampling adds.
+    """
+    b, h, w, _ = degraded.shape
+    cond, text = conditions(system, degraded, references)
+    noise = jax.random.normal(key, jax.eval_shape(system.encode, degraded).shape, jnp.float32)
+    sigma = jnp.ones((b,), jnp.float32)
+    z0 = flow.estimate_z0(noise, system.model.velocity(noise, text[:b], sigma, cond), sigma)
+    return jnp.clip(system.decode(z0, h, w), -1.0, 1.0)
+
+
+def conditions(system: FaceSystem, degraded: jax.Array, references: jax.Array):
+    """What every sampling step reuses (`IConFace.condition`) and the text [prompt; empty] (2B, T, C)."""
+    b, h, w, _ = degraded.shape
+    x_deg, x_refs = system.encode(degraded), system.encode(references)
+    e_id = system.anchor(degraded, references)
+    text = jnp.concatenate([jnp.broadcast_to(system.prompt[...], (b, *system.prompt.shape)),
+                            jnp.broadcast_to(system.empty[...], (b, *system.empty.shape))]).astype(x_deg.dtype)
+    # Conditions (and the reference cache) once per image.
+    return system.model.condition(x_deg, x_refs, e_id, grid=grid_of(h, w, x_deg.shape[1])), text
 
 
 def config_from_file(spec: str) -> ml_collections.ConfigDict:

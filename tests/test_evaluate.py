@@ -7,6 +7,8 @@ import socket
 import sys
 import types
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -141,7 +143,7 @@ def test_synthetic_evaluation_end_to_end(toy_run, tmp_path, capsys):
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["Input (LQ)"] * 3 + ["IConFace, no references"] * 3 + \
-        ["IConFace, 1 reference"] * 3
+        ["IConFace, 1 reference"] * 3 + ["Posterior mean, no references"] * 3 + ["Posterior mean, 1 reference"] * 3
     assert all(float(r["trait_mse"]) > 0 and 0 < float(r["psnr"]) < 100 for r in rows)
     with open(out / "summary.csv") as f:
         summary = list(csv.DictReader(f))
@@ -159,3 +161,15 @@ def test_synthetic_evaluation_end_to_end(toy_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(toy_run), "--synthetic", "3", "--refs", "0"])
     assert "--refs (1-3" in capsys.readouterr().err
+
+
+def test_posterior_mean_is_one_unguided_euler_step(toy_run):
+    """From sigma 1 the sampler's single step with guidance 1 lands on z - v, the one-step clean estimate."""
+    system, cfg, _ = evaluate.restore.load(str(toy_run))
+    cases = evaluate.synthetic_cases(cfg, 2, 1)
+    deg, refs = jnp.asarray(evaluate.to_model(cases["deg"])), jnp.asarray(evaluate.to_model(cases["refs"]))
+    key = jax.random.PRNGKey(3)
+    mean = evaluate.restore.posterior_mean(system, deg, refs, key)
+    one_step = evaluate.restore.restore(system, deg, refs, key, steps=1, guidance=1.0)
+    np.testing.assert_allclose(np.asarray(mean), np.asarray(one_step), atol=1e-5)
+    assert float(jnp.abs(mean - evaluate.restore.posterior_mean(system, deg, refs[:, :0], key)).max()) > 0
