@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import ROOT
 from iconface_jax import aot
@@ -94,7 +95,30 @@ def test_h100_compiles_the_float32_demo_step():
     """cuDNN rejects float32, so on a GPU the float32 demo's attention takes the XLA path and compiles."""
     plan = aot.compile_plan(demo_config(), aot.parse_target("h100-1"), references=(0,), restoration=False)
     assert plan["attention"] == "cudnn" and plan["programs"][0]["total_gb"] > 0
-    assert plan["programs"][0]["tflop"] > 0  # XLA's CPU cost model on the GPU HLO
+    assert plan["programs"][0]["tflop"] > 0
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="the CUDA plugin is not installed (pip install -e '.[cuda-aot]')")
+def test_h100_flops_count_cublas_dots_and_cudnn_convolutions():
+    """XLA:GPU turns dots and convolutions into cuBLAS / cuDNN custom calls, which XLA's cost model counts as 0
+    FLOPs: the plan must still count them (2 MNK per dot, 2 x outputs x window x input channels per conv)."""
+    target = aot.parse_target("h100-8")
+    mesh = jax.sharding.Mesh(aot.target_devices(target), ("data",))
+    rows, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+
+    def f(x, w, image, kernel):
+        conv = jax.lax.conv_general_dilated(image, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.einsum("bij,jk->bik", x, w), conv
+
+    args = [jax.ShapeDtypeStruct((8, 256, 512), jnp.bfloat16, sharding=rows),
+            jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16, sharding=whole),
+            jax.ShapeDtypeStruct((8, 34, 34, 64), jnp.bfloat16, sharding=rows),
+            jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.bfloat16, sharding=whole)]
+    lowered = jax.jit(f).lower(*args)
+    cost = aot._cost(lowered, lowered.compile({"xla_gpu_enable_triton_gemm": False}), target)
+    per_chip = (2 * 8 * 256 * 512 * 1024 + 2 * 8 * 32 * 32 * 128 * 9 * 64) / 8
+    assert cost["flops"] == pytest.approx(per_chip, rel=1e-3)
+    assert cost["bytes accessed"] > 0
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: nothing probes for a TPU")
