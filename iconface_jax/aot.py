@@ -1,4 +1,5 @@
-"""`python -m iconface_jax.aot --config configs/iconface_klein4b.py --topology v5e-64 [--out plan.json]`:
+"""`python -m iconface_jax.aot --config configs/iconface_klein4b.py --topology v5e-64 [--out plan.json]
+[--references=3 --norestoration]`:
 compile the trainer's programs for a TPU slice or an H100 host that is not here.
 
 XLA compiles for accelerators it cannot run on: libtpu (the `tpu` extra) describes any Cloud TPU slice
@@ -36,6 +37,8 @@ from iconface_jax.models.layers import Precision  # noqa: E402
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "target: v4-8, v5e-64, v5p-128, v6e-64, ... or h100-1, h100-8")
 _OUT = flags.DEFINE_string("out", "", "write the plan as JSON here")
+_REFERENCES = flags.DEFINE_list("references", ["0", "1", "2", "3"], "the reference counts R to compile train steps for")
+_RESTORATION = flags.DEFINE_bool("restoration", True, "also compile the guided restoration (R = 3)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +265,11 @@ def main(argv) -> None:
     if not _TOPOLOGY.value:
         sys.exit("--topology is required (e.g. v5e-64, v5p-128, v6e-64, h100-8)")
     target = parse_target(_TOPOLOGY.value)
-    plan = compile_plan(flags.FLAGS.config, target)
+    try:
+        references = tuple(int(r) for r in _REFERENCES.value)
+    except ValueError:
+        sys.exit(f"--references={','.join(_REFERENCES.value)}: expected reference counts, e.g. 0,3")
+    plan = compile_plan(flags.FLAGS.config, target, references, _RESTORATION.value)
     print_plan(plan, target)
     if _OUT.value:
         with open(_OUT.value, "w") as f:

@@ -4,6 +4,7 @@ quiet start-up with libtpu installed."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import ROOT
@@ -130,3 +133,26 @@ def test_libtpu_installed_start_up_is_quiet():
                          env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "cpu", out.stderr
     assert "TPU" not in out.stderr, out.stderr
+
+
+
+def test_command_compiles_only_the_programs_named(monkeypatch, tmp_path):
+    """`--references=3 --norestoration` asks `compile_plan` for the R = 3 train step alone and writes what it
+    returns; a reference count that is not a number is refused by name. (The compiles themselves: above.)"""
+    asked = []
+
+    def plan(cfg, target, references, restoration):
+        asked.append((target.name, references, restoration))
+        row = dict(name="train R=3", R=3, global_batch=4, compile_s=1.0, arguments_gb=1.0, temp_gb=1.0, total_gb=2.0,
+                   tflop=1.0, bytes_accessed_gb=1.0, roofline_ms=1.0, roofline_samples_per_s=4.0)
+        return dict(topology=target.name, devices=4, hbm_gb=16, programs=[row], mesh={"data": 4}, attention="splash",
+                    remat="none")
+
+    monkeypatch.setattr(aot, "compile_plan", plan)
+    argv = ["aot", f"--config={ROOT / 'configs' / 'demo.py'}", "--topology=v5e-4", "--norestoration"]
+    with flagsaver.flagsaver():
+        aot.main(flags.FLAGS(argv + ["--references=3", f"--out={tmp_path / 'plan.json'}"]))
+    assert asked == [("v5e-4", (3,), False)]
+    assert [p["name"] for p in json.loads((tmp_path / "plan.json").read_text())["programs"]] == ["train R=3"]
+    with flagsaver.flagsaver(), pytest.raises(SystemExit, match="--references=0,three"):
+        aot.main(flags.FLAGS(argv + ["--references=0,three"]))
