@@ -371,16 +371,17 @@ def evaluate(args: argparse.Namespace) -> int:
 SYNTHETIC_METRICS = {"psnr": ("PSNR ↑", 2), "ssim": ("SSIM ↑", 4), "trait_mse": ("Trait MSE ↓", 5)}
 
 
-def synthetic_cases(cfg: ml_collections.ConfigDict, count: int, refs: int) -> dict[str, np.ndarray]:
+def synthetic_cases(cfg: ml_collections.ConfigDict, count: int, refs: int, preset: str = "") -> dict[str, np.ndarray]:
     """`count` held-out synthetic cases at the run's resolution: identities after the training ones, view 0
-    the target, views 1..refs its references, degraded by the run's degradation mix (seeded by case).
+    the target, views 1..refs its references, degraded by `preset` or else the run's degradation mix (seeded
+    by case).
 
     Returns uint8 `gt`, `deg` (N, S, S, 3), `refs` (N, refs, S, S, 3) and bool `traits` (N, S, S): the pixels
     of the identity's fine traits (irises, brows, mole, lips, freckles) in the target.
     """
     s = cfg.data.synthetic
     source = synthetic.SyntheticSource(count, refs + 1, cfg.data.resolution, s.seed, first_identity=s.num_identities)
-    degrade_case = degradation_for(cfg, "")
+    degrade_case = degradation_for(cfg, preset)
     cases = {"gt": [], "deg": [], "refs": [], "traits": []}
     for i, record in enumerate(source.records[:: refs + 1]):
         gt, traits = source.fetch(record.gt, with_traits=True)
@@ -410,7 +411,7 @@ def evaluate_synthetic(args: argparse.Namespace) -> int:
     refs = args.refs or 1  # the restoration without references always runs too
     out_dir = args.output_dir or os.path.join(args.checkpoint, "eval", f"synthetic{args.synthetic}_refs{refs}_step{step}")
     os.makedirs(out_dir, exist_ok=True)
-    cases = synthetic_cases(cfg, args.synthetic, refs)
+    cases = synthetic_cases(cfg, args.synthetic, refs, args.degradation)
     print(f"evaluating the step-{step} model of {args.checkpoint} on {args.synthetic} held-out synthetic "
           f"identities ({refs} reference(s)) -> {out_dir}", file=sys.stderr)
     sample = nnx.jit(partial(restore.restore, steps=args.steps, guidance=args.guidance))
@@ -440,8 +441,9 @@ def evaluate_synthetic(args: argparse.Namespace) -> int:
              "|" + "---|" * (len(SYNTHETIC_METRICS) + 1)]
     table += [f"| {r['method']} | " + " | ".join(f"{r[k]:.{d}f}" for k, (_, d) in SYNTHETIC_METRICS.items()) + " |"
               for r in records]
+    degraded = f"the {args.degradation} preset" if args.degradation else "the run's degradation mix"
     text = (f"Held-out synthetic identities, step {step}: {args.synthetic} images at {cfg.data.resolution} px, "
-            f"{args.steps} steps, guidance {args.guidance}, seed {args.seed}. Posterior mean: the model's one-step "
+            f"degraded by {degraded}, {args.steps} steps, guidance {args.guidance}, seed {args.seed}. Posterior mean: the model's one-step "
             "estimate from sigma 1, what its samples scatter around.\n\n" + "\n".join(table) + "\n")
     for filename, rows in ((PER_IMAGE_FILE, per_image), ("summary.csv", records)):
         with open(os.path.join(out_dir, filename), "w", newline="") as f:
@@ -481,7 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dataset", default="", help="dataset name in the summary for rows without a `dataset` "
                                                  "column (default: the CSV's name)")
     p.add_argument("--method", default="", help="method name in the summary (default: 'IConFace (step N)')")
-    p.add_argument("--degradation", default="", help="preset for rows without lq_image (default: the config's mix)")
+    p.add_argument("--degradation", default="",
+                   help="preset for rows without lq_image and for --synthetic (default: the config's mix)")
     p.add_argument("--adaface", default="", help="converted AdaFace directory for the identity metrics "
                                                  "(default: the run's face encoder)")
     p.add_argument("--arcface", default="", help="converted ArcFace IResNet directory (python -m convert.arcface) "

@@ -138,7 +138,8 @@ def test_trait_mse_by_hand():
 
 def test_synthetic_evaluation_end_to_end(toy_run, tmp_path, capsys):
     out = tmp_path / "synthetic"
-    args = ["--checkpoint", str(toy_run), "--synthetic", "3", "--steps", "2", "--step", "6", "--output-dir", str(out)]
+    args = ["--checkpoint", str(toy_run), "--synthetic", "3", "--steps", "2", "--step", "6", "--output-dir", str(out),
+            "--degradation", "moderate"]
     assert evaluate.main(args) == 0
     with open(out / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
@@ -150,6 +151,7 @@ def test_synthetic_evaluation_end_to_end(toy_run, tmp_path, capsys):
     lq = [float(r["psnr"]) for r in rows[:3]]
     assert float(summary[0]["psnr"]) == pytest.approx(np.mean(lq), abs=1e-5)
     assert (out / "contact_sheet.png").is_file() and "Trait MSE" in (out / "summary.md").read_text()
+    assert "degraded by the moderate preset" in (out / "summary.md").read_text()
     # The held-out identities come after the run's training identities, and the inputs are degraded.
     cfg = evaluate.restore.load(str(toy_run))[1]
     cases = evaluate.synthetic_cases(cfg, 3, 1)
@@ -158,6 +160,13 @@ def test_synthetic_evaluation_end_to_end(toy_run, tmp_path, capsys):
     gt = synthetic.render(synthetic.identity_traits(cfg.data.synthetic.seed, first),
                           synthetic.view_params(cfg.data.synthetic.seed, first, 0), 32)
     assert np.array_equal(cases["gt"][0], gt) and not np.array_equal(cases["deg"][0], gt)
+    # --degradation picks one preset (the mix draws each case's from the same stream): moderate (2-6x) keeps more
+    # of the target than severe (8-20x), and each mixed case is one of the two.
+    mixed = evaluate.synthetic_cases(cfg, 6, 1)
+    by_preset = {p: evaluate.synthetic_cases(cfg, 6, 1, p)["deg"] for p in ("moderate", "severe")}
+    psnr = {p: np.mean([metrics.psnr(d, g) for d, g in zip(deg, mixed["gt"])]) for p, deg in by_preset.items()}
+    assert psnr["moderate"] > psnr["severe"] + 1, psnr
+    assert all(any(np.array_equal(m, by_preset[p][i]) for p in by_preset) for i, m in enumerate(mixed["deg"]))
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(toy_run), "--synthetic", "3", "--refs", "0"])
     assert "--refs (1-3" in capsys.readouterr().err
