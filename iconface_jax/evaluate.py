@@ -443,8 +443,9 @@ def evaluate_synthetic(args: argparse.Namespace) -> int:
               for r in records]
     degraded = f"the {args.degradation} preset" if args.degradation else "the run's degradation mix"
     text = (f"Held-out synthetic identities, step {step}: {args.synthetic} images at {cfg.data.resolution} px, "
-            f"degraded by {degraded}, {args.steps} steps, guidance {args.guidance}, seed {args.seed}. Posterior mean: the model's one-step "
-            "estimate from sigma 1, what its samples scatter around.\n\n" + "\n".join(table) + "\n")
+            f"degraded by {degraded}, {args.steps} steps, guidance {args.guidance}, seed {args.seed}. Posterior "
+            "mean: the model's one-step estimate from sigma 1, what its samples scatter around.\n\n"
+            + "\n".join(table) + "\n")
     for filename, rows in ((PER_IMAGE_FILE, per_image), ("summary.csv", records)):
         with open(os.path.join(out_dir, filename), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -135,7 +135,6 @@ def test_libtpu_installed_start_up_is_quiet():
     assert "TPU" not in out.stderr, out.stderr
 
 
-
 def test_command_compiles_only_the_programs_named(monkeypatch, tmp_path):
     """`--references=3 --norestoration` asks `compile_plan` for the R = 3 train step alone and writes what it
     returns; a reference count that is not a number is refused by name. (The compiles themselves: above.)"""
