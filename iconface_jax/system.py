@@ -96,6 +96,8 @@ def build_autoencoder(m: ml_collections.ConfigDict, place: weights.Placement | N
     """The codec of a config's `model` section: the FLUX.2 VAE or the demo's patchify codec (converted weights
     restored with the shardings `place(shape)`)."""
     precision = Precision.named(m.precision)
+    if m.autoencoder.kind == "vae" and m.autoencoder.get("bands", ()):
+        raise ValueError("config.model.autoencoder.bands: the DCT band cut is the patchify codec's; the VAE has none")
     if m.autoencoder.kind == "vae" and not m.autoencoder.weights:  # random, as every other part without weights
         config = dataclasses.replace(vae.DEFAULT, remat_decoder=m.autoencoder.remat_decoder)
         return vae.init(config, dtype=precision.dtype, param_dtype=precision.param_dtype)
@@ -103,7 +105,7 @@ def build_autoencoder(m: ml_collections.ConfigDict, place: weights.Placement | N
         return vae.load(m.autoencoder.weights, dtype=precision.dtype, param_dtype=precision.param_dtype,
                         place=place, remat_decoder=m.autoencoder.remat_decoder)
     if m.autoencoder.kind == "patchify":
-        return patchify.PatchAutoencoder(m.autoencoder.factor)
+        return patchify.PatchAutoencoder(m.autoencoder.factor, tuple(m.autoencoder.get("bands", ())))
     raise ValueError(f"config.model.autoencoder.kind {m.autoencoder.kind!r}: expected 'vae' or 'patchify'")
 
 

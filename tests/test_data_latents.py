@@ -78,6 +78,10 @@ def test_latents_errors(precomputed, tmp_path):
     other.data.resolution = 64
     with pytest.raises(ValueError, match="latents"):
         train.validate(other)
+    banded = ml_collections.ConfigDict(cfg.to_dict())  # pixel tokens are not the DCT bands' coefficients
+    banded.model.autoencoder.bands, banded.model.backbone.in_channels = (6, 3), 33
+    with pytest.raises(ValueError, match="latents .* made for .* needs .*'bands': \\[6, 3\\]"):
+        latents.LatentStore(cfg.data.latents).check(banded)
     more = ml_collections.ConfigDict(cfg.to_dict())
     more.data.synthetic.num_identities = 12  # identities 10 and 11 were not encoded
     with pytest.raises(ValueError, match="no latents for 12 images"):

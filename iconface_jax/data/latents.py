@@ -34,10 +34,13 @@ ARRAY, KEYS, META = "latents.npy", "keys.json", "meta.json"
 
 
 def autoencoder_identity(model_cfg: ml_collections.ConfigDict) -> dict:
-    """What makes latents reusable: the codec kind, its patch factor and its weights (resolved path)."""
+    """What makes latents reusable: the codec kind, its patch factor and bands, and its weights (resolved path)."""
     a = model_cfg.autoencoder
     weights = os.path.realpath(a.weights) if a.weights and not storage.is_remote(a.weights) else a.weights
-    return dict(kind=a.kind, factor=int(a.factor), weights=weights, precision=model_cfg.precision)
+    identity = dict(kind=a.kind, factor=int(a.factor), weights=weights, precision=model_cfg.precision)
+    if a.get("bands", ()):  # (absent otherwise, so stores written before bands existed stay valid)
+        identity["bands"] = [int(b) for b in a.bands]
+    return identity
 
 
 def clean_keys(records: Iterable) -> list[Key]:
