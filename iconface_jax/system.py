@@ -105,7 +105,7 @@ def build_autoencoder(m: ml_collections.ConfigDict, place: weights.Placement | N
         return vae.load(m.autoencoder.weights, dtype=precision.dtype, param_dtype=precision.param_dtype,
                         place=place, remat_decoder=m.autoencoder.remat_decoder)
     if m.autoencoder.kind == "patchify":
-        return patchify.PatchAutoencoder(m.autoencoder.factor, tuple(m.autoencoder.get("bands", ())))
+        return patchify.PatchAutoencoder(m.autoencoder.factor, m.autoencoder.get("bands", ()))
     raise ValueError(f"config.model.autoencoder.kind {m.autoencoder.kind!r}: expected 'vae' or 'patchify'")
 
 

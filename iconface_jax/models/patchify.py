@@ -33,13 +33,14 @@ class PatchAutoencoder:
     bands: tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))  # hashable, as `basis`'s cache needs
         if self.bands and (len(self.bands) != 2 or not all(1 <= b <= 2 * self.factor - 1 for b in self.bands)):
             raise ValueError(f"patchify bands {self.bands}: expected () or (luma, chroma), each 1.."
                              f"{2 * self.factor - 1} (frequencies u + v below it are kept)")
 
     @property
     def token_channels(self) -> int:
-        return 3 * self.factor**2 if not self.bands else basis(self.factor, tuple(self.bands)).shape[1]
+        return 3 * self.factor**2 if not self.bands else basis(self.factor, self.bands).shape[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,14 +65,14 @@ def encode_tokens(model: PatchAutoencoder, images: jax.Array) -> jax.Array:
         raise ValueError(f"image size {h}x{w} is not a multiple of the patch factor {f}")
     x = images.reshape(b, h // f, f, w // f, f, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, (h // f) * (w // f), f * f * c).astype(jnp.float32)
-    return x @ basis(f, tuple(model.bands)) if model.bands else x
+    return x @ basis(f, model.bands) if model.bands else x
 
 
 def decode_tokens(model: PatchAutoencoder, tokens: jax.Array, height: int, width: int) -> jax.Array:
     """The inverse of `encode_tokens` (exact without `bands`; with them, the kept frequencies' image)."""
     f, b = model.factor, tokens.shape[0]
     if model.bands:
-        tokens = tokens.astype(jnp.float32) @ basis(f, tuple(model.bands)).T
+        tokens = tokens.astype(jnp.float32) @ basis(f, model.bands).T
     x = tokens.reshape(b, height // f, width // f, f, f, 3).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, height, width, 3)
 
