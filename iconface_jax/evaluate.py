@@ -52,7 +52,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from iconface_jax import metrics, restore, storage
-from iconface_jax.data import degrade, sources, synthetic
+from iconface_jax.data import degrade, pipeline, sources, synthetic
 from iconface_jax.models import adaface, arcface
 from iconface_jax.system import FaceSystem
 
@@ -379,8 +379,8 @@ def synthetic_cases(cfg: ml_collections.ConfigDict, count: int, refs: int, prese
     Returns uint8 `gt`, `deg` (N, S, S, 3), `refs` (N, refs, S, S, 3) and bool `traits` (N, S, S): the pixels
     of the identity's fine traits (irises, brows, mole, lips, freckles) in the target.
     """
-    s = cfg.data.synthetic
-    source = synthetic.SyntheticSource(count, refs + 1, cfg.data.resolution, s.seed, first_identity=s.num_identities)
+    s = pipeline.validation_config(cfg.data).synthetic  # the identities after the training ones
+    source = synthetic.SyntheticSource(count, refs + 1, cfg.data.resolution, s.seed, s.first_identity, s.aligned)
     degrade_case = degradation_for(cfg, preset)
     cases = {"gt": [], "deg": [], "refs": [], "traits": []}
     for i, record in enumerate(source.records[:: refs + 1]):

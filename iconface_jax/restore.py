@@ -112,6 +112,8 @@ def load(workdir: str, prefer_ema: bool = True, step: int | None = None,
         raise ValueError(f"{path}: {kind}; --checkpoint takes a training workdir")
     # Workdirs from before `memory_readers` existed trained with the scene tokens reading the memory.
     stored["model"].get("iconface", {}).setdefault("memory_readers", "scene")
+    # ... and before `synthetic.aligned`, on views with free roll, scale and shift.
+    stored.get("data", {}).get("synthetic", {}).setdefault("aligned", False)
     stored["model"]["lora_init"] = ""  # the checkpoint holds the trained adapters
     cfg = ml_collections.ConfigDict(stored)
     system = face_system.build(cfg)

@@ -109,13 +109,17 @@ def test_checkpoint_must_be_a_training_workdir_with_a_checkpoint(workdir, tiny_v
     assert f"error: no complete checkpoint under {empty}/checkpoints" in capsys.readouterr().err
 
 
-def test_workdir_from_before_memory_readers_loads_as_it_trained(workdir, tmp_path):
-    """A config.json without `memory_readers` (written before the field existed) builds the scene-readers model
-    it was trained as, not today's default; a config that names it keeps it."""
+def test_workdir_from_before_new_fields_loads_as_it_trained(workdir, tmp_path):
+    """A config.json without `memory_readers` or `synthetic.aligned` (written before the fields existed) builds
+    the scene-readers model it was trained as and evaluates on the free-pose views it trained on, not today's
+    defaults; a config that names them keeps them."""
     old = tmp_path / "old_run"
     shutil.copytree(workdir, old)
     stored = json.loads((old / "config.json").read_text())
     assert stored["model"]["iconface"].pop("memory_readers") == "image"
+    assert stored["data"]["synthetic"].pop("aligned") is True
     (old / "config.json").write_text(json.dumps(stored))
-    assert restore.load(str(old))[0].model.config.memory_readers == "scene"
-    assert restore.load(str(workdir))[0].model.config.memory_readers == "image"
+    system, cfg, _ = restore.load(str(old))
+    assert system.model.config.memory_readers == "scene" and cfg.data.synthetic.aligned is False
+    system, cfg, _ = restore.load(str(workdir))
+    assert system.model.config.memory_readers == "image" and cfg.data.synthetic.aligned is True

@@ -12,7 +12,8 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
     kind = config.source
     if kind == "synthetic":
         s = config.synthetic
-        return SyntheticSource(s.num_identities, s.images_per_identity, config.resolution, s.seed, s.first_identity)
+        return SyntheticSource(s.num_identities, s.images_per_identity, config.resolution, s.seed, s.first_identity,
+                               s.aligned)
     if kind == "ffhq_ref":
         s = config.ffhq_ref
         return FFHQRefSource(s.csv, s.image_dir, s.lq_dir, s.ref_dir, s.split_file)

@@ -5,7 +5,10 @@ and fine ones that a 4-8x degradation wipes out but a clean reference shows: iri
 (position and size), eyebrow shape (arch, slant, thickness), lip colour and, for some identities,
 a freckle pattern. Each image (a "view") of an identity varies pose (yaw, roll, scale, shift),
 expression (smile, open mouth, eye openness, raised brows, gaze), lighting (direction, strength,
-brightness, colour cast) and background, so a reference is never a copy of the target.
+brightness, colour cast) and background, so a reference is never a copy of the target. Views are aligned
+crops by default, as FFHQ's are (a similarity transform puts the eyes and mouth in fixed places): no roll,
+one scale, the eyes' and mouth's centre fixed while the yaw turns the head around it; `aligned=False` adds
+free roll, scale and shift.
 
 Everything is a pure function of (seed, identity, view): traits come from
 `numpy.random.default_rng([seed, identity])`, views from `default_rng([seed, identity, view])`.
@@ -27,6 +30,7 @@ from iconface_jax.data.sources import Record
 
 _SHIFT = 4  # fixed-point bits for OpenCV coordinates: sub-pixel placement on the canvas
 _MIN_CANVAS = 256
+EYE_U, EYE_V, MOUTH_V = 0.38, -0.13, 0.58  # face coordinates of the eye centres (+-EYE_U) and the mouth line
 
 SKIN = ((255, 224, 196), (241, 194, 160), (224, 172, 130), (198, 134, 94), (160, 102, 66), (110, 70, 45))
 HAIR = ((25, 20, 18), (70, 45, 30), (120, 80, 45), (150, 60, 30), (215, 180, 110), (170, 170, 170))
@@ -107,10 +111,11 @@ def identity_traits(seed: int, identity: int) -> Traits:
     )
 
 
-def view_params(seed: int, identity: int, view: int) -> View:
-    """Pose, expression, lighting and background of one image, a pure function of its ids."""
+def view_params(seed: int, identity: int, view: int, aligned: bool = True) -> View:
+    """Pose, expression, lighting and background of one image, a pure function of its ids; `aligned`: an
+    aligned crop (no roll, scale 1, the eyes' and mouth's centre fixed), the other parameters unchanged."""
     rng = np.random.default_rng([seed, identity, view])
-    return View(
+    v = View(
         yaw=float(rng.uniform(-0.6, 0.6)),
         roll=float(rng.uniform(-0.2, 0.2)),
         scale=float(rng.uniform(0.92, 1.06)),
@@ -126,6 +131,13 @@ def view_params(seed: int, identity: int, view: int) -> View:
         tint=tuple(float(v) for v in rng.uniform(0.92, 1.08, 3)),
         background=tuple(int(v) for v in rng.integers(40, 220, 3)),
     )
+    if not aligned:
+        return v
+    # The yaw moves the eyes and mouth sideways with the face's front; an aligning crop moves them back.
+    v = dataclasses.replace(v, roll=0.0, scale=1.0, shift=(0.0, 0.0))
+    frontal = _Canvas(1, identity_traits(seed, identity), v)  # size 1: positions are fractions of the image
+    x = np.mean([frontal.xy(u, y)[0] for u, y in ((-EYE_U, EYE_V), (EYE_U, EYE_V), (0.0, MOUTH_V))])
+    return dataclasses.replace(v, shift=(float(0.5 - x), 0.0))
 
 
 class _Canvas:
@@ -212,12 +224,12 @@ def render(traits: Traits, view: View, resolution: int, with_traits: bool = Fals
         pts = []
         for t in np.linspace(-1, 1, 9):  # inner (-1) to outer (+1) end
             v = -0.33 - view.brow_raise - traits.brow_arch * (1 - t * t) - traits.brow_slant * t
-            pts.append((side * (0.38 + 0.2 * t), v))
+            pts.append((side * (EYE_U + 0.2 * t), v))
         c.poly(pts, _shade(hair, 0.8), traits.brow_thickness, trait=True)
 
     # Eyes: white, iris of the identity's colour, pupil and highlight, clipped to the eye opening.
     for side in (-1, 1):
-        _eye(c, traits, view, side * 0.38, -0.13)
+        _eye(c, traits, view, side * EYE_U, EYE_V)
 
     # Nose.
     nw = traits.nose_width
@@ -225,9 +237,9 @@ def render(traits: Traits, view: View, resolution: int, with_traits: bool = Fals
 
     # Mouth: smile curvature and opening from the view, lip colour from the identity.
     curve = 0.1 * view.smile  # positive: the middle sits lower than the corners
-    top = [(t * 0.3, 0.58 + curve * (1 - t * t)) for t in np.linspace(-1, 1, 11)]
+    top = [(t * 0.3, MOUTH_V + curve * (1 - t * t)) for t in np.linspace(-1, 1, 11)]
     if view.mouth_open > 0.05:
-        bottom = [(t * 0.3, 0.58 + (curve + 0.12 * view.mouth_open) * (1 - t * t))
+        bottom = [(t * 0.3, MOUTH_V + (curve + 0.12 * view.mouth_open) * (1 - t * t))
                   for t in np.linspace(1, -1, 11)]
         c.poly(top + bottom, (70, 20, 25), 0, fill=True)
         c.poly(top + bottom, traits.lips, 0.035, closed=True, trait=True)
@@ -242,7 +254,8 @@ def render(traits: Traits, view: View, resolution: int, with_traits: bool = Fals
     img, mask = c.img, c.traits
     if ss > 1:
         img = cv2.resize(img, (resolution, resolution), interpolation=cv2.INTER_AREA)
-        mask = cv2.resize(mask, (resolution, resolution), interpolation=cv2.INTER_AREA)
+        # In float: a uint8 average rounds a faint anti-aliased edge to 0 where the image still shows it.
+        mask = cv2.resize(mask.astype(np.float32), (resolution, resolution), interpolation=cv2.INTER_AREA)
     # Lighting (smooth, so applied after downsampling): a linear ramp in the light's direction, a
     # brightness and a colour cast.
     ax = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution - 0.5
@@ -294,20 +307,21 @@ def _hair(c: _Canvas, traits: Traits, a_ratio: float) -> None:
 
 class SyntheticSource:
     """`num_identities` synthetic identities with `images_per_identity` views each, numbered from
-    `first_identity` (a held-out set starts where the training identities end).
+    `first_identity` (a held-out set starts where the training identities end); `aligned` as `view_params`.
 
     Record keys are ints `identity * images_per_identity + view`; a record's references are the other
     views of its identity. `fetch` renders at `resolution`.
     """
 
     def __init__(self, num_identities: int, images_per_identity: int, resolution: int, seed: int = 0,
-                 first_identity: int = 0):
+                 first_identity: int = 0, aligned: bool = True):
         if images_per_identity < 2:
             raise ValueError("a synthetic identity needs at least 2 images (one target, one reference)")
         self.num_identities = num_identities
         self.images_per_identity = images_per_identity
         self.resolution = resolution
         self.seed = seed
+        self.aligned = aligned
         n = images_per_identity
         self.records = [
             Record(gt=i * n + v, refs=tuple(i * n + w for w in range(n) if w != v))
@@ -318,8 +332,8 @@ class SyntheticSource:
     def fetch(self, key: int, with_traits: bool = False):
         """Render image `key` as uint8 RGB (and its trait mask, see `render`)."""
         identity, view = divmod(int(key), self.images_per_identity)
-        return render(identity_traits(self.seed, identity), view_params(self.seed, identity, view), self.resolution,
-                      with_traits)
+        return render(identity_traits(self.seed, identity), view_params(self.seed, identity, view, self.aligned),
+                      self.resolution, with_traits)
 
 
 def benchmark(resolution: int = 64, images: int = 200) -> float:
