@@ -49,14 +49,13 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     # Training sigma: `sigma_law` (logit_normal | uniform | mode) with sigma_mean / sigma_std, time-shifted by
     # `sigma_shift` (0: the sampler's dynamic shift exp(mu) at this resolution; 1: none, the authors' default);
     # a `sigma_unshifted_fraction` of the samples keeps the unshifted value (BUILD_NOTES.md: the mixture).
-    # trait_weight: weigh the flow-matching loss 1 + trait_weight x each token's share of trait pixels (synthetic
-    # data only). term_grad_norms: log the gradient norms of L_fm and lambda_id L_id apart (one more backward pass on
+    # term_grad_norms: log the gradient norms of L_fm and lambda_id L_id apart (one more backward pass on
     # steps with the identity loss).
     c.train = ml_collections.ConfigDict(dict(
         batch_size=8, steps=800, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
         ema_decay=0.0, lambda_id=0.05, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
         sigma_law="logit_normal", sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0,
-        sigma_unshifted_fraction=0.0, term_grad_norms=False, max_nonfinite=5, trait_weight=0.0,
+        sigma_unshifted_fraction=0.0, term_grad_norms=False, max_nonfinite=5,
         stop_at=0))  # stop_at: leave (with a checkpoint) after this step, for staged runs; 0: run to `steps`
     # shard_min_size: frozen weights of fewer elements stay replicated when fsdp > 1
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_min_size=2**16))

@@ -59,7 +59,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
         batch_size=16, steps=30000, learning_rate=1e-4, warmup_steps=500, weight_decay=0.01, grad_clip=1.0,
         ema_decay=0.999, lambda_id=0.1, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
         sigma_law="logit_normal", sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0,
-        sigma_unshifted_fraction=0.25, term_grad_norms=False, max_nonfinite=10, trait_weight=0.0, stop_at=0))
+        sigma_unshifted_fraction=0.25, term_grad_norms=False, max_nonfinite=10, stop_at=0))
     # shard_min_size: frozen weights of fewer elements stay replicated when fsdp > 1
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_min_size=2**16))
     c.log = ml_collections.ConfigDict(dict(every=50, checkpoint_every=1000, keep=3, sample_every=1000,

@@ -168,8 +168,6 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
     for refs in references:
         batch = dict(gt=image(t.batch_size), deg=image(t.batch_size), refs=image(t.batch_size, refs),
                      num_refs=jax.ShapeDtypeStruct((t.batch_size,), jnp.int32))
-        if t.trait_weight:
-            batch["traits"] = jax.ShapeDtypeStruct((t.batch_size, size, size), jnp.float32)
         attention = t.batch_size * 3.5 * model_flops(backbone, text_len, (2 + refs) * tokens)[1] / len(devices)
         rows.append(_measure(f"train R={refs}", refs, t.batch_size, step, (state, rest, batch), mesh, target,
                              attention if kernel_attention else 0.0))

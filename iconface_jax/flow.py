@@ -52,11 +52,7 @@ def sample_sigma(key: jax.Array, batch: int, mean: float = 0.0, std: float = 1.0
     return jnp.where(jax.random.bernoulli(k_mix, unshifted_fraction, (batch,)), sigma, shifted)
 
 
-def loss(velocity: jax.Array, z0: jax.Array, eps: jax.Array, token_weights: jax.Array | None = None) -> jax.Array:
-    """Per-sample mean squared error to the velocity target, in float32: (B,). `token_weights` (B, N) weigh the
-    tokens of (B, N, C) velocities, normalised per sample so that uniform weights give the plain mean."""
-    err = jnp.square(velocity.astype(jnp.float32) - velocity_target(z0, eps).astype(jnp.float32))
-    if token_weights is None:
-        return jnp.mean(err, axis=tuple(range(1, err.ndim)))
-    w = token_weights.astype(jnp.float32)
-    return jnp.sum(jnp.mean(err, axis=-1) * w, axis=-1) / jnp.sum(w, axis=-1)
+def loss(velocity: jax.Array, z0: jax.Array, eps: jax.Array) -> jax.Array:
+    """Per-sample mean squared error to the velocity target, in float32: (B,)."""
+    err = velocity.astype(jnp.float32) - velocity_target(z0, eps).astype(jnp.float32)
+    return jnp.mean(jnp.square(err), axis=tuple(range(1, err.ndim)))

@@ -100,15 +100,6 @@ def identity_loss_active(batch: dict, t: ml_collections.ConfigDict) -> bool:
     return batch["refs"].shape[1] > 0 and t.lambda_id > 0
 
 
-def trait_token_weights(traits: jax.Array, grid: tuple[int, int], weight: float) -> jax.Array:
-    """(B, N) flow-matching weights 1 + weight x the share of each token's pixels on the target's fine traits
-    (traits: (B, H, W) in {0, 1}; tokens in row-major grid order)."""
-    b, h, w = traits.shape
-    gh, gw = grid
-    share = traits.reshape(b, gh, h // gh, gw, w // gw).mean(axis=(2, 4))
-    return 1.0 + weight * share.reshape(b, gh * gw)
-
-
 def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
     """The loss terms [L_fm, L_id] (batch means; L_id only for samples with references) and the metrics."""
     system = nnx.merge(graphdef, params, rest)
@@ -130,8 +121,7 @@ def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
     dropped = jax.random.bernoulli(k_drop, t.text_dropout, (b,))  # empty prompt: trains the CFG branch
     text_emb = jnp.where(dropped[:, None, None], system.empty[...][None], system.prompt[...][None])
     velocity = system.model(z, x_deg, x_refs, text_emb, sigma, e_id, grid=grid)
-    l_fm = flow.loss(velocity, z0, eps, trait_token_weights(batch["traits"], grid, t.trait_weight)
-                     if t.trait_weight else None)
+    l_fm = flow.loss(velocity, z0, eps)
     l_id = jnp.zeros_like(l_fm)
     if identity_loss_active(batch, t):
         restored = system.decode(flow.estimate_z0(z, velocity, sigma), h, w)
@@ -260,8 +250,7 @@ def main(argv) -> None:
     per_device_mib = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                          for x in jax.tree.leaves(rest)) / 2**20
 
-    data = pipeline.make_iterator(cfg.data, global_batch_size=t.batch_size, seed=cfg.seed,
-                                  trait_masks=t.trait_weight > 0)
+    data = pipeline.make_iterator(cfg.data, global_batch_size=t.batch_size, seed=cfg.seed)
     checkpoints = checkpointing.Checkpoints(cfg.workdir, keep=log.keep)
     start_step = 0
     if checkpoints.latest_step() is not None:

@@ -171,20 +171,6 @@ def test_every_sample_reproducible_from_seed_epoch_index():
     assert not np.array_equal(next(other)["deg"], batches[0]["deg"])
 
 
-def test_trait_masks_are_the_targets():
-    """With trait_masks, each sample carries its target's trait mask as drawn by the synthetic source; a source
-    that draws none is refused by name."""
-    samples = pipeline.FaceSamples(synthetic.SyntheticSource(10, 3, 32), _config(), seed=1, global_batch=2,
-                                   trait_masks=True)
-    for position in range(4):
-        arrays, info = samples.sample(0, position)
-        mask = synthetic.SyntheticSource(10, 3, 32).fetch(info.gt, with_traits=True)[1]
-        assert arrays["traits"].dtype == np.float32 and 0 < mask.sum() < mask.size
-        np.testing.assert_array_equal(arrays["traits"], mask)
-    with pytest.raises(ValueError, match="need a source that draws them.*FolderSource"):
-        pipeline.FaceSamples(FolderSource.__new__(FolderSource), _config(), seed=1, global_batch=2, trait_masks=True)
-
-
 def test_resume_equals_uninterrupted_run():
     config = _config(identities=12)  # 48 targets, batch 4: 9 steps an epoch
     whole = _take(pipeline.make_iterator(config, global_batch_size=4, process_index=0, process_count=1), 14)

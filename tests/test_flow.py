@@ -46,14 +46,3 @@ def test_sigma_laws_follow_their_distribution(law, shift, fraction):
 def test_unknown_sigma_law():
     with pytest.raises(ValueError, match="sigma law"):
         flow.sample_sigma(jax.random.key(0), 4, law="cosine")
-
-
-def test_token_weights_weigh_each_tokens_error():
-    """Per-token weights give sum_n w_n e_n / sum_n w_n of the tokens' mean squared errors e_n (here by hand:
-    errors 1 and 4 on two one-channel tokens, weights 1 and 3: 13 / 4); uniform weights give the plain mean."""
-    z0 = np.zeros((1, 2, 1), np.float32)
-    eps = np.zeros_like(z0)  # the velocity target eps - z0 is 0, so the errors are the velocities squared
-    v = np.asarray([[[1.0], [2.0]]], np.float32)
-    np.testing.assert_allclose(flow.loss(v, z0, eps, np.asarray([[1.0, 3.0]], np.float32)), [13 / 4])
-    np.testing.assert_allclose(flow.loss(v, z0, eps, np.asarray([[5.0, 5.0]], np.float32)), [2.5])
-    np.testing.assert_allclose(flow.loss(v, z0, eps), [2.5])

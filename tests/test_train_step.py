@@ -62,35 +62,6 @@ def test_term_gradient_norms_are_those_of_each_term():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
-def test_trait_token_weights_follow_the_token_grid():
-    """Each token's weight is 1 + weight x the share of its pixels on traits, tokens in row-major order: on a
-    16 px image of 4 x 4 tokens, a full top-right token (index 3) and a quarter of the bottom-left one (12)."""
-    traits = np.zeros((1, 16, 16), np.float32)
-    traits[0, 0:4, 12:16] = 1.0
-    traits[0, 12:14, 0:2] = 1.0
-    want = np.ones((1, 16), np.float32)
-    want[0, 3], want[0, 12] = 1 + 8.0, 1 + 8.0 / 4
-    np.testing.assert_allclose(train.trait_token_weights(jnp.asarray(traits), (4, 4), 8.0), want)
-
-
-def test_trait_weight_changes_only_the_flow_matching_loss_it_weighs():
-    """L_fm with trait weights: equal to the unweighted loss where no pixel or every pixel is a trait (uniform
-    weights), different where only some are."""
-    cfg = demo_config("--config.data.resolution=16", "--config.train.trait_weight=4.0")
-    system = face_system.build(cfg)
-    graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
-    t_off = cfg.train.copy_and_resolve_references()
-    t_off.trait_weight = 0.0
-    x, key = batch(1), jax.random.key(5)
-    loss = lambda b, t: float(train.loss_fn(params, rest, graphdef, b, key, t)[0][0])  # noqa: E731
-    plain = loss(x, t_off)
-    some = np.zeros((2, 16, 16), np.float32)
-    some[:, :8] = 1.0
-    for traits, same in ((np.zeros_like(some), True), (np.ones_like(some), True), (some, False)):
-        weighted = loss({**x, "traits": jnp.asarray(traits)}, cfg.train)
-        assert np.isclose(weighted, plain, rtol=1e-5) == same
-
-
 # --- the paper's shape: frozen base, LoRA and side pathways trained, the FLUX.2 VAE codec, EMA ---
 
 GROUPS = ("lora", "identity", "structure", "memory_xattn")

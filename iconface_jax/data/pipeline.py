@@ -2,8 +2,7 @@
 
     it = make_iterator(config.data, global_batch_size=32)   # per process: 32 / process_count rows
     batch = next(it)            # {"gt", "deg": (B,H,W,3), "refs": (B,R,H,W,3), "num_refs": (B,)}
-                                # (+ "gt_latents" (B,L,C), "ref_latents" (B,R,L,C) with data.latents,
-                                #  "traits" (B,H,W) with trait_masks)
+                                # (+ "gt_latents" (B,L,C), "ref_latents" (B,R,L,C) with data.latents)
     state = it.get_state()      # {"batches": n, ...}; it.set_state(state) resumes exactly
 
 Every batch has one reference count R (0..3) shared by all its rows and by every process at that
@@ -116,16 +115,12 @@ class FaceSamples:
     batch i // B (B = global_batch // process_count). Grain batches, parallelises and checkpoints it."""
 
     def __init__(self, source: Source, config: ml_collections.ConfigDict, *, seed: int, global_batch: int,
-                 process_index: int = 0, process_count: int = 1, trait_masks: bool = False):
-        if trait_masks and not hasattr(source, "trait_mask"):
-            raise ValueError(f"trait masks (train.trait_weight > 0) need a source that draws them: data.source "
-                             f"'synthetic', not {type(source).__name__}")
+                 process_index: int = 0, process_count: int = 1):
         if global_batch % process_count:
             raise ValueError(f"global batch {global_batch} is not divisible by {process_count} processes")
         if not source.records:
             raise ValueError("the data source has no usable targets (see the warnings above)")
         self.source = source
-        self.trait_masks = trait_masks
         self.seed = int(seed)
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count
@@ -223,8 +218,6 @@ class FaceSamples:
         ref_array = np.stack(refs) if refs else np.zeros((0,) + gt.shape, np.uint8)
         arrays = {"gt": _to_unit(gt), "deg": _to_unit(deg), "refs": _to_unit(ref_array),
                   "num_refs": np.int32(count)}
-        if self.trait_masks:
-            arrays["traits"] = self.source.trait_mask(record.gt).astype(np.float32)
         if self.latents is not None:
             arrays["gt_latents"] = self.latents.get(record.gt)
             arrays["ref_latents"] = (np.stack([self.latents.get(k) for k in ref_keys]) if ref_keys else
@@ -337,12 +330,11 @@ class FaceIterator(grain.DatasetIterator):
 
 def make_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int, seed: int | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  source: Source | None = None, trait_masks: bool = False) -> FaceIterator:
+                  source: Source | None = None) -> FaceIterator:
     """This process's batch iterator (see the module docstring).
 
     `seed` overrides `config.seed`; `process_index`/`process_count` default to JAX's;
-    `source` overrides `config.source`; `trait_masks` adds "traits" (B, H, W), 1 on the target's fine traits
-    (synthetic sources only).
+    `source` overrides `config.source`.
     """
     if process_index is None or process_count is None:
         import jax  # only the multi-host default needs it
@@ -350,5 +342,5 @@ def make_iterator(config: ml_collections.ConfigDict, *, global_batch_size: int, 
         process_index, process_count = jax.process_index(), jax.process_count()
     samples = FaceSamples(source if source is not None else make_source(config), config,
                           seed=config.seed if seed is None else seed, global_batch=global_batch_size,
-                          process_index=process_index, process_count=process_count, trait_masks=trait_masks)
+                          process_index=process_index, process_count=process_count)
     return FaceIterator(samples, config)

@@ -335,10 +335,6 @@ class SyntheticSource:
         return render(identity_traits(self.seed, identity), view_params(self.seed, identity, view, self.aligned),
                       self.resolution, with_traits)
 
-    def trait_mask(self, key: int) -> np.ndarray:
-        """The (resolution, resolution) bool mask of image `key`'s fine traits (see `render`)."""
-        return self.fetch(key, with_traits=True)[1]
-
 
 def benchmark(resolution: int = 64, images: int = 200) -> float:
     """Milliseconds per rendered image at `resolution` (the figure the CPU demo's data loading rests on)."""
