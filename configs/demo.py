@@ -1,8 +1,9 @@
 """The CPU demo: a tiny IConFace trained from scratch on synthetic identities in a few minutes.
 
-Same code paths as the real config at toy sizes: a 64 px patchify codec instead of the VAE, a tiny
-transformer, a narrow random AdaFace (identity anchors and the identity loss run, their values are
-not meaningful), fixed random prompt embeddings.
+Same code paths as the real config at toy sizes: a fixed 64 px codec instead of the VAE (each 8 px patch's
+low DCT frequencies, 33 channels), a tiny transformer, a narrow random AdaFace (identity anchors and the
+identity loss run, their values are not meaningful), fixed random prompt embeddings. Its choices are measured
+in BUILD_NOTES.md (issue 21).
 """
 import ml_collections
 
@@ -17,10 +18,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.weights = ""  # converted FLUX.2 weights; empty: random init of `backbone`
-    # Hidden size >= the 192 token channels: proj_out must reach every channel, or the last sampling
-    # step cannot cancel the noise outside its span (a 64-wide model sampled visible noise).
+    # Hidden size >= the token channels: proj_out must reach every channel, or the last sampling step cannot
+    # cancel the noise outside its span (a 64-wide model on 192-channel pixel tokens sampled visible noise).
     c.model.backbone = ml_collections.ConfigDict(dict(
-        preset="tiny", in_channels=192, num_layers=1, num_single_layers=2, num_attention_heads=6,
+        preset="tiny", in_channels=33, num_layers=1, num_single_layers=2, num_attention_heads=6,
         attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8), mlp_ratio=2.0, joint_attention_dim=32))
     # Random init of the backbone: "torch" (torch.nn.Linear's) or "adaln_zero" (DiT's, for training from scratch).
     c.model.init = "torch"
@@ -33,10 +34,10 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.model.iconface = ml_collections.ConfigDict(dict(
         variant=variant, memory_tokens=16, memory_dim=32, pool_heads=2, xattn_rank=16, xattn_heads=2,
         residual_rank=192, reference_cache=False, prediction="clean", memory_readers="image"))
-    # bands=(luma, chroma): keep only each patch's low DCT frequencies (u + v below them), e.g. (6, 3): 33-channel
-    # tokens, 30.8 dB of the synthetic faces kept; backbone.in_channels must follow (BUILD_NOTES.md, 2026-12-03).
+    # bands=(luma, chroma): keep only each patch's low DCT frequencies (u + v below them): (6, 3) gives 33-channel
+    # tokens that keep 30.8 dB of the synthetic faces; () keeps all 192 pixel values. backbone.in_channels follows.
     c.model.autoencoder = ml_collections.ConfigDict(dict(
-        kind="patchify", factor=8, bands=(), weights="", remat_decoder=False))
+        kind="patchify", factor=8, bands=(6, 3), weights="", remat_decoder=False))
     c.model.face_encoder = ml_collections.ConfigDict(dict(
         weights="", units=(1, 1, 1, 1), channels=(8, 8, 16, 16)))
     c.model.text = ml_collections.ConfigDict(dict(embeddings="", length=8))
@@ -49,16 +50,18 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     # Training sigma: `sigma_law` (logit_normal | uniform | mode) with sigma_mean / sigma_std, time-shifted by
     # `sigma_shift` (0: the sampler's dynamic shift exp(mu) at this resolution; 1: none, the authors' default);
     # a `sigma_unshifted_fraction` of the samples keeps the unshifted value (BUILD_NOTES.md: the mixture).
+    # The demo centres it at 1 (median sigma .95): 10 of the sampler's 12 steps run above 0.68, and low sigmas'
+    # large clean-token loss weights crowd those out. 1600 steps of 4 see what 800 of 8 would, and learn more.
     # term_grad_norms: log the gradient norms of L_fm and lambda_id L_id apart (one more backward pass on
     # steps with the identity loss).
     c.train = ml_collections.ConfigDict(dict(
-        batch_size=8, steps=800, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
+        batch_size=4, steps=1600, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
         ema_decay=0.0, lambda_id=0.05, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
-        sigma_law="logit_normal", sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0,
+        sigma_law="logit_normal", sigma_mean=1.0, sigma_std=1.0, sigma_shift=0.0,
         sigma_unshifted_fraction=0.0, term_grad_norms=False, max_nonfinite=5,
         stop_at=0))  # stop_at: leave (with a checkpoint) after this step, for staged runs; 0: run to `steps`
     # shard_min_size: frozen weights of fewer elements stay replicated when fsdp > 1
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_min_size=2**16))
-    c.log = ml_collections.ConfigDict(dict(every=25, checkpoint_every=200, keep=2, sample_every=400,
+    c.log = ml_collections.ConfigDict(dict(every=25, checkpoint_every=400, keep=2, sample_every=800,
                                            sample_count=4, sample_steps=12, guidance=4.0))
     return c

@@ -41,7 +41,7 @@ def precomputed(tmp_path_factory):
 
 def test_precomputed_latents_equal_on_device_encoding(precomputed):
     cfg, meta = precomputed
-    assert meta["count"] == 60 and meta["token_shape"] == [16, 192] and not meta["skipped"]
+    assert meta["count"] == 60 and meta["token_shape"] == [16, 33] and not meta["skipped"]
     encode = face_system.FaceSystem.encode
     system = face_system.build(cfg)
     it = pipeline.make_iterator(cfg.data, global_batch_size=4, seed=0)
@@ -78,10 +78,10 @@ def test_latents_errors(precomputed, tmp_path):
     other.data.resolution = 64
     with pytest.raises(ValueError, match="latents"):
         train.validate(other)
-    banded = ml_collections.ConfigDict(cfg.to_dict())  # pixel tokens are not the DCT bands' coefficients
-    banded.model.autoencoder.bands, banded.model.backbone.in_channels = (6, 3), 33
-    with pytest.raises(ValueError, match="latents .* made for .* needs .*'bands': \\[6, 3\\]"):
-        latents.LatentStore(cfg.data.latents).check(banded)
+    pixels = ml_collections.ConfigDict(cfg.to_dict())  # the DCT bands' coefficients are not pixel tokens
+    pixels.model.autoencoder.bands, pixels.model.backbone.in_channels = (), 192
+    with pytest.raises(ValueError, match="latents .* made for .*'bands': \\[6, 3\\]}}, but this config needs {[^\\[]*}}$"):
+        latents.LatentStore(cfg.data.latents).check(pixels)
     more = ml_collections.ConfigDict(cfg.to_dict())
     more.data.synthetic.num_identities = 12  # identities 10 and 11 were not encoded
     with pytest.raises(ValueError, match="no latents for 12 images"):
@@ -113,6 +113,6 @@ def test_cli_writes_and_refuses_to_overwrite(tmp_path):
            "--config.data.resolution=32", "--config.data.synthetic.num_identities=3", f"--out={tmp_path / 'lat'}"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env_with(), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "wrote 18 latents (16, 192)" in out.stdout
+    assert "wrote 18 latents (16, 33)" in out.stdout
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env_with(), timeout=300)
     assert again.returncode != 0 and "already exists" in again.stderr
