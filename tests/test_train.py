@@ -247,8 +247,8 @@ def test_codec_and_transformer_channels_must_agree():
     from iconface_jax import system as face_system
 
     cfg = demo.get_config()
-    cfg.model.autoencoder.factor = 4  # 48-channel tokens for a 192-channel transformer
-    with pytest.raises(ValueError, match="patchify codec makes 48-channel tokens .* takes 192"):
+    cfg.model.autoencoder.factor, cfg.model.autoencoder.bands = 4, ()  # 48 pixel channels, 33-channel transformer
+    with pytest.raises(ValueError, match="patchify codec makes 48-channel tokens .* takes 33"):
         face_system.build(cfg)
 
 
