@@ -135,8 +135,8 @@ def view_params(seed: int, identity: int, view: int, aligned: bool = True) -> Vi
         return v
     # The yaw moves the eyes and mouth sideways with the face's front; an aligning crop moves them back.
     v = dataclasses.replace(v, roll=0.0, scale=1.0, shift=(0.0, 0.0))
-    frontal = _Canvas(1, identity_traits(seed, identity), v)  # size 1: positions are fractions of the image
-    x = np.mean([frontal.xy(u, y)[0] for u, y in ((-EYE_U, EYE_V), (EYE_U, EYE_V), (0.0, MOUTH_V))])
+    unshifted = _Canvas(1, identity_traits(seed, identity), v)  # size 1: positions are fractions of the image
+    x = np.mean([unshifted.xy(u, y)[0] for u, y in ((-EYE_U, EYE_V), (EYE_U, EYE_V), (0.0, MOUTH_V))])
     return dataclasses.replace(v, shift=(float(0.5 - x), 0.0))
 
 
