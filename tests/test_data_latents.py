@@ -80,7 +80,8 @@ def test_latents_errors(precomputed, tmp_path):
         train.validate(other)
     pixels = ml_collections.ConfigDict(cfg.to_dict())  # the DCT bands' coefficients are not pixel tokens
     pixels.model.autoencoder.bands, pixels.model.backbone.in_channels = (), 192
-    with pytest.raises(ValueError, match="latents .* made for .*'bands': \\[6, 3\\]}}, but this config needs {[^\\[]*}}$"):
+    banded_not_pixels = r"latents .* made for .*'bands': \[6, 3\]}}, but this config needs {[^\[]*}}$"
+    with pytest.raises(ValueError, match=banded_not_pixels):
         latents.LatentStore(cfg.data.latents).check(pixels)
     more = ml_collections.ConfigDict(cfg.to_dict())
     more.data.synthetic.num_identities = 12  # identities 10 and 11 were not encoded
