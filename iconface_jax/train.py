@@ -210,10 +210,8 @@ def preview_batch(cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
         print(f"sample grids show training images (data.source {cfg.data.source!r} has no validation split "
               "configured)", flush=True)
         data_cfg = ml_collections.ConfigDict(cfg.data.to_dict())
-    # One reference per sample, whatever the training protocol draws (a run may train without references), and
-    # never the target itself.
+    # One reference per sample, whatever the training protocol draws (a run may train without references).
     data_cfg.num_workers, data_cfg.latents, data_cfg.ref_count_probs = 0, "", (0.0, 1.0)
-    data_cfg.self_reference_prob = 0.0
     it = pipeline.make_iterator(data_cfg, global_batch_size=cfg.log.sample_count, seed=cfg.seed + 1,
                                 process_index=0, process_count=1)
     for _ in range(100):  # targets without a usable reference fill batches of their own

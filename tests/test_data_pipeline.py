@@ -139,30 +139,6 @@ def test_no_duplicate_references():
     assert seen_counts == {0, 1, 2, 3}
 
 
-def test_self_reference_replaces_the_first_reference_with_the_target():
-    source = synthetic.SyntheticSource(20, 5, 32)
-    plain = pipeline.FaceSamples(source, _config(), seed=0, global_batch=4)
-    always = pipeline.FaceSamples(source, _config(self_reference_prob=1.0), seed=0, global_batch=4)
-    half = pipeline.FaceSamples(source, _config(self_reference_prob=0.5), seed=0, global_batch=4)
-    copies = with_refs = 0
-    for position in range(plain.steps_per_epoch * 4):
-        (a, info_a), (b, info_b) = plain.sample(0, position), always.sample(0, position)
-        np.testing.assert_array_equal(a["gt"], b["gt"])
-        if info_a.refs:
-            with_refs += 1
-            assert info_b.refs == (info_a.gt, *info_a.refs[1:])
-            np.testing.assert_array_equal(b["refs"][0], b["gt"])
-            np.testing.assert_array_equal(b["refs"][1:], a["refs"][1:])
-            half_arrays, half_info = half.sample(0, position)
-            copies += half_info.refs[0] == half_info.gt
-            assert np.array_equal(half_arrays["refs"][0], half_arrays["gt"]) == (half_info.refs[0] == half_info.gt)
-        else:
-            np.testing.assert_array_equal(a["deg"], b["deg"])  # no draw without references
-    assert with_refs > 20 and 0.25 < copies / with_refs < 0.75
-    with pytest.raises(ValueError, match=r"self_reference_prob must lie in \[0, 1\], got 1.5"):
-        pipeline.FaceSamples(source, _config(self_reference_prob=1.5), seed=0, global_batch=4)
-
-
 def test_batch_shapes_are_static():
     it = pipeline.make_iterator(_config(), global_batch_size=4, process_index=0, process_count=1)
     seen = set()

@@ -49,10 +49,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.num_epochs = 0  # 0: repeat forever
     # Protocol: P(k references) for k = 0, 1, 2, 3; a target with fewer gets what it has.
     c.ref_count_probs = references.DEFAULT_PROBS
-    # Probability that a sample with references gets its own clean target as its first reference: an exact,
-    # aligned copy from which a model trained from scratch can learn where a reference's details sit (the CPU
-    # demo; BUILD_NOTES.md, 2026-12-04). Keep 0 for real data, where the paper uses other photos only.
-    c.self_reference_prob = 0.0
     c.min_side_fraction = 0.25  # images with a shorter side below this x resolution are skipped
     c.use_given_lq = False  # use a record's given degraded image (FFHQ-Ref lq_image) if it has one
     # Precomputed latents of the clean images (python -m iconface_jax.data.latents): batches then carry
@@ -136,9 +132,6 @@ class FaceSamples:
         except ValueError as e:
             raise ValueError(f"config.data.ref_count_probs: {e}") from None
         self.shuffle = bool(config.shuffle)
-        self.self_reference_prob = float(config.self_reference_prob)
-        if not 0.0 <= self.self_reference_prob <= 1.0:
-            raise ValueError(f"config.data.self_reference_prob must lie in [0, 1], got {self.self_reference_prob}")
         self.use_given_lq = bool(config.use_given_lq)
         deg = config.degradation
         missing = [name for name in deg.presets if name not in deg.params]
@@ -217,9 +210,6 @@ class FaceSamples:
                 ref_keys.append(record.refs[i])
         if len(refs) < count:
             return None
-        # Drawn only when enabled, so that runs without it keep their random streams.
-        if refs and self.self_reference_prob > 0 and rng.random() < self.self_reference_prob:
-            refs[0], ref_keys[0] = gt, record.gt
         deg = self._read(record.lq, issues) if self.use_given_lq and record.lq is not None else None
         name = "given"
         if deg is None:
