@@ -54,10 +54,11 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     # A quarter unshifted (BUILD_NOTES.md 2026-12-02): 64 % of samples stay above sigma 0.75 where the sampler
     # works, 9 % fall below 0.4 where omega lets the identity loss act (0.9 % with the shifted law alone).
     # term_grad_norms: log the gradient norms of L_fm and lambda_id L_id apart (one more backward pass on
-    # steps with the identity loss).
+    # steps with the identity loss). residual_dropout: the share of samples trained without the structure residual
+    # (0, as the paper trains; the from-scratch demo drops half).
     c.train = ml_collections.ConfigDict(dict(
         batch_size=16, steps=30000, learning_rate=1e-4, warmup_steps=500, weight_decay=0.01, grad_clip=1.0,
-        ema_decay=0.999, lambda_id=0.1, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
+        ema_decay=0.999, residual_dropout=0.0, lambda_id=0.1, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
         sigma_law="logit_normal", sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0,
         sigma_unshifted_fraction=0.25, term_grad_norms=False, max_nonfinite=10, stop_at=0))
     # shard_min_size: frozen weights of fewer elements stay replicated when fsdp > 1

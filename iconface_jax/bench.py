@@ -164,7 +164,7 @@ def bench_full(system: FaceSystem, cfg, batch: int, refs: int, grid: int, text_l
                         num_refs=jnp.full((batch,), refs, jnp.int32))
     t = ml_collections.ConfigDict(dict(sigma_law="logit_normal", sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0,
                                        sigma_unshifted_fraction=0.0, term_grad_norms=False, text_dropout=0.1,
-                                       lambda_id=0.1, lambda_h=0.5, omega_min=0.25, ema_decay=0.0))
+                                       residual_dropout=0.0, lambda_id=0.1, lambda_h=0.5, omega_min=0.25, ema_decay=0.0))
     graphdef, params, rest = nnx.split(system, iconface.trainable, ...)
     tx = optax.adamw(1e-4)
     state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(0))

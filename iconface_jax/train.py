@@ -120,7 +120,13 @@ def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
     z = flow.interpolate(z0, eps, sigma)
     dropped = jax.random.bernoulli(k_drop, t.text_dropout, (b,))  # empty prompt: trains the CFG branch
     text_emb = jnp.where(dropped[:, None, None], system.empty[...][None], system.prompt[...][None])
-    velocity = system.model(z, x_deg, x_refs, text_emb, sigma, e_id, grid=grid)
+    # Residual dropout: these samples lose W_in's shortcut to the degraded tokens and must read the degraded image,
+    # and with it the references, through attention (BUILD_NOTES.md, 2026-12-04). Its key is folded off the step's,
+    # so that runs without it keep their random streams.
+    keep_residual = None
+    if t.residual_dropout > 0:
+        keep_residual = jax.random.bernoulli(jax.random.fold_in(key, 7), 1 - t.residual_dropout, (b,))
+    velocity = system.model(z, x_deg, x_refs, text_emb, sigma, e_id, grid=grid, keep_residual=keep_residual)
     l_fm = flow.loss(velocity, z0, eps)
     l_id = jnp.zeros_like(l_fm)
     if identity_loss_active(batch, t):

@@ -151,12 +151,13 @@ def tiny_vae_dir(tmp_path_factory) -> pathlib.Path:
 
 def paper_overrides(vae_dir) -> list[str]:
     """The demo config turned into the paper's training shape at toy size: a frozen base transformer with LoRA and
-    side pathways trained, the FLUX.2 VAE codec (`tiny_vae_dir`), velocity prediction, klein's sigma centre, EMA on."""
+    side pathways trained, the FLUX.2 VAE codec (`tiny_vae_dir`), velocity prediction, klein's sigma centre, EMA on,
+    no residual dropout."""
     return ["--config.model.train_base=False", "--config.model.autoencoder.kind=vae",
             "--config.model.autoencoder.bands=()", f"--config.model.autoencoder.weights={vae_dir}",
             "--config.model.backbone.in_channels=16", "--config.model.backbone.num_attention_heads=2",
             "--config.model.iconface.residual_rank=8", "--config.model.iconface.prediction=velocity",
-            "--config.train.ema_decay=0.9", "--config.train.sigma_mean=0.0"]
+            "--config.train.ema_decay=0.9", "--config.train.sigma_mean=0.0", "--config.train.residual_dropout=0.0"]
 
 
 def demo_config(*overrides: str):

@@ -1,5 +1,5 @@
 """The training step on tiny systems: per-term gradient norms, the identity loss's gradient (finite differences,
-every trainable group), the non-finite guard, the EMA, text dropout's rate and AdamW's schedule by hand."""
+every trainable group), the non-finite guard, the EMA, text and residual dropout, and AdamW's schedule by hand."""
 from __future__ import annotations
 
 import math
@@ -162,7 +162,7 @@ def test_text_dropout_rate(monkeypatch):
     system = face_system.build(cfg)
     seen = []
 
-    def fake_model(self, z, x_deg, x_refs, text, sigma, e_id, *, grid):
+    def fake_model(self, z, x_deg, x_refs, text, sigma, e_id, *, grid, keep_residual):
         seen.append(np.asarray(text))
         return z
 
@@ -177,6 +177,39 @@ def test_text_dropout_rate(monkeypatch):
     assert np.all(empty ^ prompt)
     std = math.sqrt(n * 0.1 * 0.9)
     assert abs(empty.sum() - 0.1 * n) < 4 * std, empty.sum()
+
+
+def test_residual_dropout_withholds_the_structure_residual(monkeypatch):
+    """residual_dropout 1 trains the model as if W_in's residual were zero; 0 leaves the residual in (so the first
+    check can fail); in between, a binomial share of the samples loses it."""
+    cfg = demo_config("--config.data.resolution=16", "--config.train.residual_dropout=1.0")
+    system = face_system.build(cfg)
+    w_in_up = system.model.structure.w_in_up.kernel
+    w_in_up[...] = jax.random.normal(jax.random.key(5), w_in_up.shape)  # trained-like: the residual acts
+    x, key = batch(1), jax.random.key(2)
+
+    def loss(t):
+        graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
+        return np.asarray(train.loss_fn(params, rest, graphdef, x, key, t)[0])
+
+    t_keep = cfg.train.copy_and_resolve_references()
+    t_keep.residual_dropout = 0.0
+    dropped, kept = loss(cfg.train), loss(t_keep)
+    w_in_up[...] = jnp.zeros(w_in_up.shape)
+    without = loss(t_keep)
+    np.testing.assert_allclose(dropped, without, rtol=1e-6)
+    assert abs(kept[0] - without[0]) > 1e-3 * without[0]
+
+    seen = []
+    monkeypatch.setattr(iconface.IConFace, "__call__",
+                        lambda self, z, *args, keep_residual, **kw: seen.append(np.asarray(keep_residual)) or z)
+    monkeypatch.setattr(face_system.FaceSystem, "anchor", lambda self, deg, refs: jnp.ones((deg.shape[0], 512)))
+    t_half = cfg.train.copy_and_resolve_references()
+    t_half.residual_dropout = 0.3
+    graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
+    n = 1000
+    train.loss_fn(params, rest, graphdef, batch(0, b=n), jax.random.key(0), t_half)
+    assert abs((~seen[0]).sum() - 0.3 * n) < 4 * math.sqrt(n * 0.3 * 0.7), (~seen[0]).sum()
 
 
 def test_warmup_cosine_adamw_with_clipping_by_hand():

@@ -319,9 +319,12 @@ class IConFace(nnx.Module):
 
     def __call__(self, scene: jax.Array, degraded: jax.Array, references: jax.Array, text: jax.Array,
                  sigma: jax.Array, e_id: jax.Array | None = None, *, grid: tuple[int, int],
-                 degraded_grid: tuple[int, int] | None = None) -> jax.Array:
-        """Scene velocity (B, h*w, C): `velocity` under the `condition` of degraded and reference tokens."""
+                 degraded_grid: tuple[int, int] | None = None, keep_residual: jax.Array | None = None) -> jax.Array:
+        """Scene velocity (B, h*w, C): `velocity` under the `condition` of degraded and reference tokens.
+        keep_residual (B,) bool, in training: False withholds the structure residual from that sample."""
         cond = self.condition(degraded, references, e_id, grid=grid, degraded_grid=degraded_grid)
+        if keep_residual is not None and cond.residual is not None:
+            cond = cond.replace(residual=jnp.where(keep_residual[:, None, None], cond.residual, 0))
         return self.velocity(scene, text, sigma, cond)
 
     def _conditioning_ids(self, degraded_grid: tuple[int, int], grid: tuple[int, int], n_refs: int) -> np.ndarray:
