@@ -54,12 +54,12 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     # large clean-token loss weights crowd those out. 1600 steps of 4 see what 800 of 8 would, and learn more.
     # term_grad_norms: log the gradient norms of L_fm and lambda_id L_id apart (one more backward pass on
     # steps with the identity loss).
-    # residual_dropout: the share of samples trained without the structure residual. Half of them must find the
-    # degraded image through attention, and then use the reference too: +0.4-0.5 dB with a reference on two seeds,
-    # its share of the trait error 0-3 % -> 6-9 % (BUILD_NOTES.md, 2026-12-04).
+    # residual_dropout: the share of samples trained without the structure residual. These must find the degraded
+    # image through attention, and then use the reference too: at 0.75, +0.6-0.8 dB with a reference on two seeds,
+    # its share of the trait error 0-3 % -> 7-16 % (BUILD_NOTES.md, 2026-12-04).
     c.train = ml_collections.ConfigDict(dict(
         batch_size=4, steps=1600, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
-        ema_decay=0.0, residual_dropout=0.5, lambda_id=0.05, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
+        ema_decay=0.0, residual_dropout=0.75, lambda_id=0.05, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
         sigma_law="logit_normal", sigma_mean=1.0, sigma_std=1.0, sigma_shift=0.0,
         sigma_unshifted_fraction=0.0, term_grad_norms=False, max_nonfinite=5,
         stop_at=0))  # stop_at: leave (with a checkpoint) after this step, for staged runs; 0: run to `steps`

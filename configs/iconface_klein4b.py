@@ -55,7 +55,7 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     # works, 9 % fall below 0.4 where omega lets the identity loss act (0.9 % with the shifted law alone).
     # term_grad_norms: log the gradient norms of L_fm and lambda_id L_id apart (one more backward pass on
     # steps with the identity loss). residual_dropout: the share of samples trained without the structure residual
-    # (0, as the paper trains; the from-scratch demo drops half).
+    # (0, as the paper trains; the from-scratch demo drops three quarters).
     c.train = ml_collections.ConfigDict(dict(
         batch_size=16, steps=30000, learning_rate=1e-4, warmup_steps=500, weight_decay=0.01, grad_clip=1.0,
         ema_decay=0.999, residual_dropout=0.0, lambda_id=0.1, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,
