@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import sys
 import time
@@ -64,7 +65,7 @@ def lora_train_step(graphdef, tx: optax.GradientTransformation, n_img: int, img_
 
 
 def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, steps: int, lora_rank: int):
-    """Forward and LoRA train-step rows for one (batch, refs) shape."""
+    """Forward and LoRA train-step rows for one (batch, refs) shape, yielded as each is measured."""
     n_img = grid * grid
     img_ids = sequence.image_segment_ids(grid, grid, refs)
     txt_ids = sequence.text_ids(text_len)
@@ -85,13 +86,13 @@ def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, ste
         return nnx.merge(graphdef, trainable, frozen)(x, ctx, sigma, img_ids, txt_ids)
 
     train_step = lora_train_step(graphdef, tx, n_img, img_ids, txt_ids)
-    rows, lin, att = [], *model_flops(cfg, text_len, len(img_ids))
+    lin, att = model_flops(cfg, text_len, len(img_ids))
     start = time.perf_counter()
     forward(frozen, trainable, x, ctx).block_until_ready()
     compile_fwd = time.perf_counter() - start
     t_fwd = _timed(lambda: forward(frozen, trainable, x, ctx), steps)
-    rows.append(dict(kind="forward", B=batch, R=refs, tokens=text_len + len(img_ids), ms=t_fwd * 1e3,
-                     samples_s=batch / t_fwd, flops=batch * (lin + att), compile_s=compile_fwd))
+    yield dict(kind="forward", B=batch, R=refs, tokens=text_len + len(img_ids), ms=t_fwd * 1e3,
+               samples_s=batch / t_fwd, flops=batch * (lin + att), compile_s=compile_fwd)
     start = time.perf_counter()
     state = train_step(trainable, opt_state, frozen, x, ctx, eps, sigma)
     jax.block_until_ready(state)
@@ -103,10 +104,9 @@ def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, ste
         return state
     t_train = _timed(one_step, steps)
     nnx.update(model, state[0])  # the step donated the LoRA arrays the model held
-    rows.append(dict(kind=f"train lora r{lora_rank}", B=batch, R=refs, tokens=text_len + len(img_ids),
-                     ms=t_train * 1e3, samples_s=batch / t_train,
-                     flops=batch * train_flops(cfg, text_len, len(img_ids)), compile_s=compile_train))
-    return rows
+    yield dict(kind=f"train lora r{lora_rank}", B=batch, R=refs, tokens=text_len + len(img_ids),
+               ms=t_train * 1e3, samples_s=batch / t_train,
+               flops=batch * train_flops(cfg, text_len, len(img_ids)), compile_s=compile_train)
 
 
 def plan(cfg: flux2.Flux2Config, precision: Precision, batch: int, refs: int, grid: int, text_len: int,
@@ -154,8 +154,9 @@ def face_system(cfg: flux2.Flux2Config, precision: Precision, on_cpu: bool, text
 
 
 def bench_full(system: FaceSystem, cfg, batch: int, refs: int, grid: int, text_len: int, steps: int,
-               restore_steps: int) -> list[dict]:
-    """(b) the full IConFace training step and (c) a guided restoration, wall time including VAE encode/decode."""
+               restore_steps: int):
+    """(b) the full IConFace training step and (c) a guided restoration, wall time including VAE encode/decode;
+    rows yielded as each is measured."""
     stride = vae.token_grid(system.autoencoder.config, 256, 256)
     size = grid * 256 // stride[0]
     key = jax.random.key(batch * 10 + refs + 1)
@@ -180,8 +181,8 @@ def bench_full(system: FaceSystem, cfg, batch: int, refs: int, grid: int, text_l
     t_step = _timed(one_step, steps)
     nnx.update(system, state["params"])  # the step donated the arrays the system held
     n_img = (2 + refs) * grid * grid
-    rows = [dict(kind="train iconface", B=batch, R=refs, tokens=text_len + n_img, ms=t_step * 1e3,
-                 samples_s=batch / t_step, flops=batch * train_flops(cfg, text_len, n_img), compile_s=compile_s)]
+    yield dict(kind="train iconface", B=batch, R=refs, tokens=text_len + n_img, ms=t_step * 1e3,
+               samples_s=batch / t_step, flops=batch * train_flops(cfg, text_len, n_img), compile_s=compile_s)
     deg, ref_images = images[:1, 1], images[:1, 2:]
     n_scene, n_cond = grid * grid, (1 + refs) * grid * grid
     for cached in (False, True):
@@ -196,11 +197,10 @@ def bench_full(system: FaceSystem, cfg, batch: int, refs: int, grid: int, text_l
             flops = sum(model_flops(cfg, 0, n_cond)) + restore_steps * 2 * sum(model_flops(cfg, text_len, n_scene, n_cond))
         else:
             flops = restore_steps * 2 * sum(model_flops(cfg, text_len, n_img))
-        rows.append(dict(kind=f"restore {restore_steps} st" + (" cache" if cached else ""), B=1, R=refs,
-                         tokens=text_len + n_img, ms=t_restore * 1e3, samples_s=1 / t_restore, flops=flops,
-                         compile_s=compile_s))
+        yield dict(kind=f"restore {restore_steps} st" + (" cache" if cached else ""), B=1, R=refs,
+                   tokens=text_len + n_img, ms=t_restore * 1e3, samples_s=1 / t_restore, flops=flops,
+                   compile_s=compile_s)
     system.model.config = dataclasses.replace(system.model.config, reference_cache=False)
-    return rows
 
 
 def main(argv=None) -> int:
@@ -242,11 +242,13 @@ def main(argv=None) -> int:
     for batch, refs in shapes:
         rows_of_shape = bench_shape(model, cfg, batch, refs, grid, args.text_len, args.steps, args.lora_rank)
         if system is not None:
-            rows_of_shape += bench_full(system, cfg, batch, refs, grid, args.text_len, args.steps, args.restore_steps)
-        for row in rows_of_shape:
+            full = bench_full(system, cfg, batch, refs, grid, args.text_len, args.steps, args.restore_steps)
+            rows_of_shape = itertools.chain(rows_of_shape, full)
+        for row in rows_of_shape:  # printed as measured: a run cut short still reports what it finished
             row["mfu"] = row["flops"] / (row["ms"] / 1e3) / peak
             rows.append(row)
-            print(f"  {row['kind']:<14} B={batch} R={refs}: {row['ms']:.1f} ms", file=sys.stderr, flush=True)
+            print(f"  {row['kind']:<14} B={batch} R={refs}: {row['ms']:.1f} ms, {row['samples_s']:.2f} samples/s, "
+                  f"MFU {row['mfu']:.3f}, compile {row['compile_s']:.1f} s", file=sys.stderr, flush=True)
     result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), preset=args.preset,
                   precision=args.precision, image_size=args.image_size, text_len=args.text_len,
                   peak_tflops=peak / 1e12, peak_memory_gb=peak_memory_gb(), rows=rows)

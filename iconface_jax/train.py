@@ -84,6 +84,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise FileNotFoundError(f"config.{name}: {path} does not exist")
     if cfg.model.remat != "none" and cfg.model.remat not in REMAT_POLICIES:
         raise ValueError(f"config.model.remat {cfg.model.remat!r} is not 'none' or one of {sorted(REMAT_POLICIES)}")
+    for name in ("text_dropout", "residual_dropout"):
+        if not 0.0 <= cfg.train[name] <= 1.0:
+            raise ValueError(f"config.train.{name} must lie in [0, 1], got {cfg.train[name]}")
     iconface.IConFaceConfig(**cfg.model.iconface)  # unknown variant or field fails here
     if cfg.data.latents:
         latents.LatentStore(cfg.data.latents).check(cfg)

@@ -226,6 +226,8 @@ def test_nonfinite_steps_stop_the_run_with_a_message(tmp_path):
     ("--config.model.weights=/nonexistent/klein", "/nonexistent/klein"),
     ("--config.model.iconface.variant=two_route", "variant"),
     ("--config.model.remat=some", "remat"),
+    ("--config.train.residual_dropout=1.5", r"residual_dropout must lie in \[0, 1\], got 1.5"),
+    ("--config.train.text_dropout=-0.1", r"text_dropout must lie in \[0, 1\], got -0.1"),
 ])
 def test_config_errors_before_compiling(tmp_path, override, message):
     from iconface_jax import train
