@@ -204,11 +204,11 @@ def test_residual_dropout_withholds_the_structure_residual(monkeypatch):
     monkeypatch.setattr(iconface.IConFace, "__call__",
                         lambda self, z, *args, keep_residual, **kw: seen.append(np.asarray(keep_residual)) or z)
     monkeypatch.setattr(face_system.FaceSystem, "anchor", lambda self, deg, refs: jnp.ones((deg.shape[0], 512)))
-    t_half = cfg.train.copy_and_resolve_references()
-    t_half.residual_dropout = 0.3
+    t_some = cfg.train.copy_and_resolve_references()
+    t_some.residual_dropout = 0.3
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
     n = 1000
-    train.loss_fn(params, rest, graphdef, batch(0, b=n), jax.random.key(0), t_half)
+    train.loss_fn(params, rest, graphdef, batch(0, b=n), jax.random.key(0), t_some)
     assert abs((~seen[0]).sum() - 0.3 * n) < 4 * math.sqrt(n * 0.3 * 0.7), (~seen[0]).sum()
 
 
