@@ -3,7 +3,7 @@
 Same code paths as the real config at toy sizes: a fixed 64 px codec instead of the VAE (each 8 px patch's
 low DCT frequencies, 33 channels), a tiny transformer, a narrow random AdaFace (identity anchors and the
 identity loss run, their values are not meaningful), fixed random prompt embeddings. Its choices are measured
-in BUILD_NOTES.md (issue 21).
+in docs/decisions.md#demo-size-and-schedule (and the entries it links); docs/demo.md describes the demo.
 """
 import ml_collections
 
@@ -49,14 +49,14 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
 
     # Training sigma: `sigma_law` (logit_normal | uniform | mode) with sigma_mean / sigma_std, time-shifted by
     # `sigma_shift` (0: the sampler's dynamic shift exp(mu) at this resolution; 1: none, the authors' default);
-    # a `sigma_unshifted_fraction` of the samples keeps the unshifted value (BUILD_NOTES.md: the mixture).
+    # a `sigma_unshifted_fraction` of the samples keeps the unshifted value (docs/decisions.md#training-sigma-law).
     # The demo centres it at 1 (median sigma .95): 10 of the sampler's 12 steps run above 0.68, and low sigmas'
     # large clean-token loss weights crowd those out. 1600 steps of 4 see what 800 of 8 would, and learn more.
     # term_grad_norms: log the gradient norms of L_fm and lambda_id L_id apart (one more backward pass on
     # steps with the identity loss).
     # residual_dropout: the share of samples trained without the structure residual. These must find the degraded
     # image through attention, and then use the reference too: at 0.75, +0.6-0.8 dB with a reference on two seeds,
-    # its share of the trait error 0-3 % -> 7-16 % (BUILD_NOTES.md, 2026-12-04).
+    # its share of the trait error 0-3 % -> 7-16 % (docs/decisions.md#residual-dropout).
     c.train = ml_collections.ConfigDict(dict(
         batch_size=4, steps=1600, learning_rate=2e-3, warmup_steps=50, weight_decay=0.0, grad_clip=1.0,
         ema_decay=0.0, residual_dropout=0.75, lambda_id=0.05, lambda_h=0.5, omega_min=0.25, text_dropout=0.1,

@@ -3,7 +3,7 @@
 Paths are overridable fields; convert the weights first (README). Run one Table 3 row with
 `--config configs/iconface_klein4b.py:struct` (concat | struct | id | one_route | full).
 Where the paper is silent (batch, steps, learning rate, lambda_id, lambda_h, EMA) the values are ours;
-BUILD_NOTES.md says why.
+docs/decisions.md says why.
 """
 import ml_collections
 
@@ -30,7 +30,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     c.model.lora_init = ""
     c.model.train_base = False
     # reference_cache: degraded and reference tokens attend only among themselves at sigma 0, so sampling
-    # computes their keys and values once per image (BUILD_NOTES.md); a different model: train with it.
+    # computes their keys and values once per image; a different model: train with it
+    # (docs/decisions.md#reference-cache).
     # memory_readers: the tokens that read the degraded memory, "image" (the paper: scene, degraded and
     # reference tokens) or "scene"; recorded here so a workdir's config.json says which model it trained.
     c.model.iconface = ml_collections.ConfigDict(dict(variant=variant, reference_cache=False, memory_readers="image"))
@@ -50,8 +51,8 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
 
     # Training sigma: `sigma_law` (logit_normal | uniform | mode) with sigma_mean / sigma_std, time-shifted by
     # `sigma_shift` (0: the sampler's dynamic shift exp(mu) at this resolution; 1: none, the authors' default);
-    # a `sigma_unshifted_fraction` of the samples keeps the unshifted value (BUILD_NOTES.md: the mixture).
-    # A quarter unshifted (BUILD_NOTES.md 2026-12-02): 64 % of samples stay above sigma 0.75 where the sampler
+    # a `sigma_unshifted_fraction` of the samples keeps the unshifted value (docs/decisions.md#training-sigma-law).
+    # A quarter unshifted (same entry): 64 % of samples stay above sigma 0.75 where the sampler
     # works, 9 % fall below 0.4 where omega lets the identity loss act (0.9 % with the shifted law alone).
     # term_grad_norms: log the gradient norms of L_fm and lambda_id L_id apart (one more backward pass on
     # steps with the identity loss). residual_dropout: the share of samples trained without the structure residual

@@ -1,4 +1,4 @@
-"""FLOP accounting (DESIGN.md's formulas for the FLUX.2 transformer) and a measured matmul peak.
+"""FLOP accounting (the formulas of docs/design.md#flops for the FLUX.2 transformer) and a measured matmul peak.
 
 The trainer logs MFU with them, the bench prints it, and the ahead-of-time compiler adds the attention
 kernels' FLOPs (custom calls XLA's cost model does not count) with them.
@@ -14,7 +14,7 @@ from iconface_jax.models import flux2
 
 
 def model_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int, cached_len: int = 0) -> tuple[float, float]:
-    """Forward FLOPs of one sample, (linear, attention), DESIGN.md's formulas for any preset; `cached_len`
+    """Forward FLOPs of one sample, (linear, attention), docs/design.md#flops for any preset; `cached_len`
     more keys come from a reference cache."""
     d, m = cfg.hidden_size, cfg.mlp_hidden
     per_token = 4 * d * d + 3 * d * m  # q, k, v, out + SwiGLU in (2m) and out (m)

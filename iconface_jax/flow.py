@@ -1,6 +1,6 @@
 """Rectified-flow matching as FLUX.2 trains it: interpolation, velocity target, sigma sampling, z0 estimate.
 
-Convention (DESIGN.md): z_sigma = (1 - sigma) z0 + sigma eps, target u* = eps - z0, so the model's
+Convention (docs/design.md#flow-matching): z_sigma = (1 - sigma) z0 + sigma eps, target u* = eps - z0, so the model's
 velocity moves from data (sigma = 0) to noise (sigma = 1) and z0_hat = z_sigma - sigma u_hat.
 """
 from __future__ import annotations

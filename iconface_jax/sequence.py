@@ -1,4 +1,4 @@
-"""The hybrid token sequence of DESIGN.md: RoPE ids of text, scene, degraded and reference segments.
+"""The hybrid token sequence (docs/design.md#hybrid-sequence): RoPE ids of text, scene, degraded and reference segments.
 
 Image segments share the (h, w) grid and differ in the t axis (scene 0, degraded 2, reference r at
 10 + r by default); text tokens count along the l axis. With no references the segment is absent.

@@ -188,7 +188,8 @@ class CustomObject:
 
 
 def golden_value(i: int, kind: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Entry number `i` of a golden state dict by the ../shared/golden/README.md recipe."""
+    """Entry number `i` of a golden state dict by the recipe that comes with ../shared/golden
+    (docs/parity.md#golden-vectors)."""
     rng = np.random.default_rng(i)
     if kind == "conv":
         v = rng.standard_normal(shape) * np.sqrt(0.5 / (shape[1] * shape[2] * shape[3]))

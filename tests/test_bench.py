@@ -27,7 +27,7 @@ def test_bench_tiny(tmp_path, capsys):
 
 
 def test_flop_formula_matches_design():
-    # DESIGN.md: linear 2 L x 122.6M x 25 blocks, attention 4 L^2 x 3072 x 25 for klein-base-4B.
+    # docs/design.md#flops: linear 2 L x 122.6M x 25 blocks, attention 4 L^2 x 3072 x 25 for klein-base-4B.
     cfg = flux2.PRESETS["klein-base-4b"]
     lin, att = flops.model_flops(cfg, 512, 1024 * 5)
     assert abs(lin / (2 * 5632 * 25) / 122.6e6 - 1) < 1e-3

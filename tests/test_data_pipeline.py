@@ -365,7 +365,8 @@ def test_host_batches_assemble_on_the_mesh():
 def test_batching_cost_model_prefers_grouping():
     from iconface_jax.data import batching_cost
 
-    # DESIGN.md: B=4, R=0 at 12.6 samples/s is MFU 0.62 on a 790 TFLOP/s H100, i.e. ~38.9 TFLOP/sample.
+    # docs/performance.md#h100-starting-figures: B=4, R=0 at 12.6 samples/s is MFU 0.62 on a 790 TFLOP/s H100,
+    # i.e. ~38.9 TFLOP/sample.
     assert batching_cost.step_flops(0) / 1e12 == pytest.approx(38.9, rel=0.02)
     grouped = batching_cost.grouped(PROBS)
     assert grouped < batching_cost.padded_to_batch_max(PROBS, 4) < batching_cost.step_flops(3)

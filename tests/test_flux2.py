@@ -31,7 +31,7 @@ def segment_ids(t: int, grid: int = GRID) -> np.ndarray:
 
 
 def make_inputs(batch: int = 2, n_txt: int = 8, seed: int = 0):
-    """Text, scene, degraded and two reference segments with DESIGN.md's RoPE ids."""
+    """Text, scene, degraded and two reference segments with the RoPE ids of docs/design.md#hybrid-sequence."""
     rng = np.random.default_rng(seed)
     img_ids = np.concatenate([segment_ids(0), segment_ids(2), segment_ids(10), segment_ids(11)])
     txt_ids = np.stack([np.zeros(n_txt), np.zeros(n_txt), np.zeros(n_txt), np.arange(n_txt)], -1).astype(np.int64)

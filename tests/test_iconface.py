@@ -254,8 +254,9 @@ def test_smooth_is_the_binomial_blur_with_replicated_edges():
 
 @pytest.mark.parametrize("cached", [False, True])
 def test_rope_ids_are_the_table_of_design_md(cached, monkeypatch):
-    """The RoPE ids the backbone receives, against DESIGN.md's table written out: text (0, 0, 0, l), scene
-    (0, h, w, 0), degraded (2, h, w, 0), reference r (10 + r, h, w, 0), on a 2 x 8 grid (rows then columns).
+    """The RoPE ids the backbone receives, against the table of docs/design.md#hybrid-sequence written out: text
+    (0, 0, 0, l), scene (0, h, w, 0), degraded (2, h, w, 0), reference r (10 + r, h, w, 0), on a 2 x 8 grid (rows
+    then columns).
     With the reference cache, [degraded; references] get theirs in the cache pass (no text) and the scene at the step."""
     seen = []
     real = flux2.Flux2Transformer.conditioning

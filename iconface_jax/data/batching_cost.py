@@ -1,4 +1,4 @@
-"""Group-by-reference-count versus pad-and-mask batching, on the DESIGN.md cost model.
+"""Group-by-reference-count versus pad-and-mask batching, on the cost model of docs/design.md#flops.
 
     python -m iconface_jax.data.batching_cost
 
@@ -21,7 +21,7 @@ from iconface_jax.data.references import DEFAULT_PROBS
 
 TEXT_TOKENS, IMAGE_TOKENS = 512, 1024
 LINEAR_PARAMS, BLOCKS, HIDDEN = 122.6e6, 25, 3072
-H100_BF16_PEAK = 790e12  # FLOP/s, measured (DESIGN.md)
+H100_BF16_PEAK = 790e12  # FLOP/s, measured (docs/performance.md#h100-starting-figures)
 
 
 def step_flops(num_refs: int) -> float:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from iconface_jax.data import degrade
 
-TARGETS = {"moderate": 25.2, "severe": 19.6}  # FFHQ-Ref medians, faces/README.md
+TARGETS = {"moderate": 25.2, "severe": 19.6}  # FFHQ-Ref input medians (docs/decisions.md#degradation-mix)
 TOLERANCE_DB = 1.5
 DEFAULT_FACES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "faces")
 
@@ -38,7 +38,7 @@ def preset_psnrs(images: list[np.ndarray], preset: str | degrade.Preset, seed: i
 
 
 def benchmark_psnrs(faces_dir: str) -> dict[str, float]:
-    """Median PSNR(deg.jpg, gt.jpg) per benchmark split, to compare with faces/README.md."""
+    """Median PSNR(deg.jpg, gt.jpg) per benchmark split, to compare with the medians that ../shared/faces publishes."""
     result = {}
     for split in sorted(os.listdir(faces_dir)):
         cases = sorted(glob.glob(os.path.join(faces_dir, split, "*", "gt.jpg")))

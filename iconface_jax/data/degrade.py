@@ -10,7 +10,7 @@ Spatial parameters (blur sigmas, kernel sizes, sinc cut-offs) are specified for 
 (512) pixel images and scale with the image, so the same preset removes the same facial detail at
 64 px (the CPU demo) and at 512 px. The presets were calibrated with `calibrate.py` on the 40 real
 `gt.jpg` of `../shared/faces`: their median PSNR matches the FFHQ-Ref Moderate (25.2 dB) and Severe
-(19.6 dB) benchmark inputs (see BUILD_NOTES.md for the figures).
+(19.6 dB) benchmark inputs (docs/decisions.md#degradation-mix has the figures).
 
 Deviations from the reference implementations, because a piece is not public or for speed: BSRGAN's
 camera-ISP noise (a learned model) is replaced by Poisson noise with the same probability; the

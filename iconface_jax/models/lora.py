@@ -17,8 +17,9 @@ from flax import nnx
 from iconface_jax import weights
 from iconface_jax.models.layers import Linear
 
-# The IConFace / DESIGN.md default: every attention map of both block kinds, 18,677,760 parameters at rank 16
-# on klein-base-4B. In the double blocks the image output map is `to_out.0`; the single blocks' is `to_out`.
+# The first default (docs/decisions.md#lora-targets): every attention map of both block kinds, 18,677,760
+# parameters at rank 16 on klein-base-4B. In the double blocks the image output map is `to_out.0`; the single
+# blocks' is `to_out`.
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                    "to_qkv_mlp_proj", "single_transformer_blocks.*.attn.to_out")
 FEED_FORWARD_TARGETS = ("ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out")
