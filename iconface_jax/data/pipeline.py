@@ -74,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
         {name: p.to_dict() for name, p in degrade.PRESETS.items()})
 
     # aligned: views are aligned crops as FFHQ's (eyes and mouth in fixed places); False adds free roll, scale
-    # and shift (the demo's data before 2026-12-03, session 4).
+    # and shift (the demo's earlier data; docs/decisions.md#aligned-synthetic-faces).
     c.synthetic = ml_collections.ConfigDict(dict(num_identities=1000, images_per_identity=6, seed=0,
                                                  first_identity=0, aligned=True))
     # FFHQ-Ref (ReF-LDM release): the CSV and image folders; split_file: id_based_ffhq_split/*.txt. The
