@@ -243,3 +243,36 @@ def test_warmup_cosine_adamw_with_clipping_by_hand():
         params = optax.apply_updates(params, updates)
         for k in p:
             np.testing.assert_allclose(np.asarray(params[k]), p[k], rtol=1e-5, atol=1e-6, err_msg=f"step {step}")
+
+
+def test_identity_term_by_hand(monkeypatch):
+    """loss_id is the paper's L_id recomputed in numpy from the model's own outputs: the reference anchor (norm-
+    weighted references) in the e_ref slot, the ground truth's embedding in the e_gt slot, lambda_h and
+    omega(sigma) as configured, zero for samples without references, averaged over the batch."""
+    cfg = demo_config("--config.data.resolution=16", "--config.train.lambda_id=0.5", "--config.train.lambda_h=0.8",
+                      "--config.train.omega_min=0.4")
+    system = face_system.build(cfg)
+    graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
+    x = batch(2, b=3)
+    x["num_refs"] = jnp.asarray([2, 0, 2], jnp.int32)
+    seen = {}
+    sample_sigma, decode = train.flow.sample_sigma, face_system.FaceSystem.decode
+    monkeypatch.setattr(train.flow, "sample_sigma", lambda *a, **k: seen.setdefault("sigma", sample_sigma(*a, **k)))
+    monkeypatch.setattr(face_system.FaceSystem, "decode",
+                        lambda self, *a: seen.setdefault("restored", decode(self, *a)))
+    terms, metrics = train.loss_fn(params, rest, graphdef, x, jax.random.key(4), cfg.train)
+
+    emb = lambda images: np.asarray(system.embed(images), np.float64)  # noqa: E731
+    cos = lambda u, v: np.sum(u * v, -1) / np.linalg.norm(u, axis=-1) / np.linalg.norm(v, axis=-1)  # noqa: E731
+    z = emb(x["refs"])  # (B, R, D): e_ref = normalize(sum_r softmax(log q_r / T) z_r / q_r), q_r = |z_r|
+    q = np.linalg.norm(z, axis=-1)
+    w = np.exp(np.log(q) / system.model.config.id_temperature)
+    e_ref = np.einsum("br,brd->bd", w / w.sum(1, keepdims=True), z / q[..., None])
+    e_gt, e_out = emb(x["gt"]), emb(seen["restored"])
+    lam = 0.8 * (1 - cos(e_ref, e_gt))
+    mixed = (1 - lam) * (1 - cos(e_out, e_ref)) + lam * (1 - cos(e_out, e_gt))
+    omega = np.maximum(1 - np.asarray(seen["sigma"], np.float64), 0.4) ** 2
+    want = np.mean(np.where([True, False, True], omega * mixed, 0.0))
+    assert abs(cos(e_ref, e_gt)).max() < 0.99  # anchors that differ, so a swapped slot would show
+    np.testing.assert_allclose(float(metrics["loss_id"]), want, rtol=1e-4)
+    np.testing.assert_allclose(float(terms[1]), want, rtol=1e-4)
