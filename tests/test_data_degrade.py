@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import ml_collections
 import numpy as np
@@ -155,3 +156,68 @@ def test_poisson_noise_counts_like_realesrgan(gray, values):
     assert abs(np.mean(counts) - np.mean(base * vals)) < 0.05 * np.mean(base * vals)  # Poisson: mean = base * vals
     if gray:
         np.testing.assert_allclose(noise, np.repeat(noise[..., :1], 3, axis=2), atol=1e-6)  # float32 (x + n) - x
+
+
+# Disjoint JPEG quality ranges, so that each recorded JPEG names the stage that drew its quality.
+JPEG_TAGS = {(90.0, 95.0): "J1", (30.0, 35.0): "J2", (60.0, 65.0): "Jb"}
+
+
+def _traces(monkeypatch, preset: degrade.Preset, seeds: range) -> list[list[str]]:
+    """The operators each seed's `apply` calls, in order: F a blur or sinc filter, f a skipped one (kernel None),
+    R a resize, N Gaussian or Poisson noise, B BSRGAN's noise, J1/J2/Jb a JPEG by the range its quality is in."""
+    calls: list[str] = []
+
+    def record(name, token):
+        original = getattr(degrade, name)
+        monkeypatch.setattr(degrade, name, lambda *a: calls.append(token(*a)) or original(*a))
+
+    def jpeg_tag(x, quality):
+        return next((tag for (lo, hi), tag in JPEG_TAGS.items() if lo <= quality <= hi), f"J{quality:.0f}")
+
+    record("_filter", lambda x, kernel: "f" if kernel is None else "F")
+    record("_resize", lambda x, size, mode: "R")
+    record("_gaussian_noise", lambda *a: "N")
+    record("_poisson_noise", lambda *a: "N")
+    record("_bsrgan_noise", lambda *a: "B")
+    record("_jpeg", jpeg_tag)
+    img, traces = _image(32), []
+    for seed in seeds:
+        calls.clear()
+        degrade.apply(img, preset, np.random.default_rng(seed))
+        traces.append(list(calls))
+    return traces
+
+
+def test_realesrgan_chain_stage_by_stage(monkeypatch):
+    """Order 1: blur (with its probability), resize, noise, JPEG at order 1's quality; order 2: the same without its
+    JPEG; then resize to H/scale + final sinc and JPEG at order 2's quality, in either order (half each); then back
+    to H x W. Blur and final-sinc probabilities counted over 400 seeds (binomial, 4 standard deviations)."""
+    base = degrade.Preset()
+    preset = dataclasses.replace(
+        base, scale_range=(2.0, 4.0), p_bsrgan=0.0,
+        first=dataclasses.replace(base.first, blur_prob=0.25, jpeg_range=(90.0, 95.0)),
+        second=dataclasses.replace(base.second, blur_prob=0.8, jpeg_range=(30.0, 35.0)))
+    chain = re.compile(r"(?P<blur1>F )?R N J1 (?P<blur2>F )?R N (?P<final>R (?P<sinc>[Ff]) J2|J2 R (?P<sinc_>[Ff])) R")
+    n, counts = 400, dict(blur1=0, blur2=0, resize_first=0, sinc=0)
+    for trace in _traces(monkeypatch, preset, range(n)):
+        m = chain.fullmatch(" ".join(trace))
+        assert m, " ".join(trace)
+        counts["blur1"] += m["blur1"] is not None
+        counts["blur2"] += m["blur2"] is not None
+        counts["resize_first"] += m["final"].startswith("R")
+        counts["sinc"] += (m["sinc"] or m["sinc_"]) == "F"
+    for name, p in dict(blur1=0.25, blur2=0.8, resize_first=0.5, sinc=base.final_sinc_prob).items():
+        assert abs(counts[name] - p * n) < 4 * math.sqrt(n * p * (1 - p)), (name, counts)
+
+
+@pytest.mark.parametrize("jpeg_prob", [0.0, 1.0])
+def test_bsrgan_chain_ends_with_its_jpeg(monkeypatch, jpeg_prob):
+    """BSRGAN's shuffled ops include a JPEG only with jpeg_prob; the chain always ends with one more JPEG (its
+    quality from BSRGAN's range), followed only by the resize back to H x W."""
+    base = degrade.Preset()
+    preset = dataclasses.replace(base, scale_range=(2.0, 4.0), p_bsrgan=1.0, bsrgan=dataclasses.replace(
+        base.bsrgan, jpeg_prob=jpeg_prob, jpeg_range=(60.0, 65.0)))
+    for trace in _traces(monkeypatch, preset, range(40)):
+        assert trace[-2:] == ["Jb", "R"], trace
+        assert trace.count("Jb") == 1 + jpeg_prob and not any(t.startswith("J") and t != "Jb" for t in trace), trace
+        assert trace.count("B") == 1 and trace.count("F") >= 2, trace  # one noise op, two blur ops at least
