@@ -273,3 +273,32 @@ def test_rope_ids_are_the_table_of_design_md(cached, monkeypatch):
     text = [[0, 0, 0, l] for l in range(6)]
     scene, conditioning = segment(0), segment(2) + segment(10) + segment(11)
     assert seen == ([(conditioning, []), (scene, text)] if cached else [(scene + conditioning, text)])
+
+
+@pytest.mark.parametrize("text_len", [0, 6])
+def test_identity_deltas_shift_the_image_modulations(text_len, monkeypatch):
+    """The identity deltas equal a backbone whose image-modulation heads output the shared modulation plus the delta:
+    the double-stream image head always; the single-stream head (shared by text) when there is no text. With text,
+    the single-stream delta stays at zero here, so text is left untouched by construction."""
+    bb = backbone()
+    model = iconface.IConFace(bb, dataclasses.replace(CFG, variant="id"))
+    rng = np.random.default_rng(8)
+    shifted_heads = (model.identity.psi_dbl,) + ((model.identity.psi_sgl,) if not text_len else ())
+    for layer in (model.identity.phi_global, *shifted_heads):
+        layer.kernel.set_value(jnp.asarray(0.3 * rng.standard_normal(layer.kernel.shape), jnp.float32))
+    x = inputs(1)
+    x["text"] = x["text"][:, :text_len]
+    got = np.asarray(model(**x, grid=GRID))
+    b = x["scene"].shape[0]
+    tokens = jnp.concatenate([x["scene"], x["degraded"], x["references"].reshape(b, -1, x["scene"].shape[-1])], 1)
+
+    def backbone_out():
+        return np.asarray(bb(tokens, x["text"], x["sigma"], sequence.image_segment_ids(*GRID, 1),
+                             sequence.text_ids(text_len))[:, :N])
+
+    assert rel_err(got, backbone_out()) > 1e-3  # the deltas matter
+    delta_double, delta_single = model.identity(x["e_id"])
+    shifted = {id(bb.double_stream_modulation_img): delta_double, id(bb.single_stream_modulation): delta_single}
+    real = flux2.Modulation.__call__
+    monkeypatch.setattr(flux2.Modulation, "__call__", lambda self, temb: real(self, temb) + shifted.get(id(self), 0))
+    np.testing.assert_allclose(got, backbone_out(), rtol=1e-5, atol=1e-5)

@@ -133,6 +133,11 @@ def _with_cached(k: jax.Array, v: jax.Array, cached: KeysValues | None) -> KeysV
     return jnp.concatenate([k, cached[0].astype(k.dtype)], axis=1), jnp.concatenate([v, cached[1].astype(v.dtype)], axis=1)
 
 
+def _with_delta(mod: jax.Array, delta: jax.Array | None) -> jax.Array:
+    """A shared modulation plus a per-sample delta (in the modulation's dtype), or the modulation alone."""
+    return mod if delta is None else mod + delta.astype(mod.dtype)
+
+
 def _as_segments(mod: jax.Array | Segments, length: int) -> Segments:
     return ((length, mod),) if isinstance(mod, jax.Array) else mod
 
@@ -361,32 +366,46 @@ class Flux2Transformer(nnx.Module):
         return Conditioning(temb, self.double_stream_modulation_img(temb), self.double_stream_modulation_txt(temb),
                             self.single_stream_modulation(temb), rope)
 
-    def run_block(self, block: nnx.Module, *args):
-        """`block(*args)`, rematerialised in the backward pass under the model's remat policy."""
-        return block(*args) if self.remat == "none" else checkpointed(block, *args, policy=self.remat)
-
     def head(self, img: jax.Array, temb: jax.Array) -> jax.Array:
         """Output norm and projection of the image tokens back to latent channels."""
         return self.proj_out(self.norm_out(img, temb))
 
-    def cached_blocks(self, tokens: jax.Array, rope, mod_img: jax.Array, mod_single: jax.Array,
-                      after_block: Callable[[int, jax.Array], jax.Array] | None = None) -> ReferenceCache:
-        """Runs embedded tokens (B, L, D) that attend only among themselves through every block, keeping each
-        block's keys and values; `rope` covers them alone, the modulations are those of their fixed timestep.
-        `after_block(i, tokens)`, if given, transforms the tokens after block i (double blocks first)."""
-        no_text = tokens[:, :0]
-        after_block = after_block or (lambda i, h: h)
-        double = []
+    def blocks(self, img: jax.Array, txt: jax.Array, c: Conditioning, *, delta_double: jax.Array | None = None,
+               delta_single: jax.Array | None = None, cache: ReferenceCache | None = None,
+               after_block: Callable[[int, jax.Array], jax.Array] | None = None,
+               keep_cache: bool = False) -> tuple[jax.Array, ReferenceCache | None]:
+        """Runs embedded image (B, L_img, D) and text (B, L_txt, D) tokens through every block: the double-stream
+        blocks, then the single-stream ones over [text; image]. The one block loop of every forward pass.
+
+        delta_double (B, 6D) and delta_single (B, 3D) are added to the image tokens' modulations (text keeps the
+        shared ones); `cache` holds keys and values every token also attends to; `after_block(i, img)` transforms
+        the image tokens after block i (double blocks first); `keep_cache` also returns every block's keys and
+        values of the image tokens. Returns the image tokens and that cache (or None).
+        """
+        n_txt, n_img = txt.shape[1], img.shape[1]
+        mod_img = _with_delta(c.mod_img, delta_double)
+        mod_single = _with_delta(c.mod_single, delta_single)
+        if delta_single is not None and n_txt:
+            mod_single = ((n_txt, c.mod_single), (n_img, mod_single))
+        double, single = [], []
         for i, block in enumerate(self.transformer_blocks):
-            tokens, _, kv = self.run_block(block, tokens, no_text, mod_img, mod_img, rope)
-            tokens = after_block(i, tokens)
+            img, txt, kv = self._run(block, img, txt, mod_img, c.mod_txt, c.rope,
+                                     None if cache is None else cache.double[i])
+            img = img if after_block is None else after_block(i, img)
             double.append(kv)
-        single = []
+        x = jnp.concatenate([txt, img], axis=1) if n_txt else img
         for i, block in enumerate(self.single_transformer_blocks):
-            tokens, kv = self.run_block(block, tokens, mod_single, rope)
-            tokens = after_block(len(self.transformer_blocks) + i, tokens)
-            single.append(kv)
-        return ReferenceCache(tuple(double), tuple(single))
+            x, (k, v) = self._run(block, x, mod_single, c.rope, None if cache is None else cache.single[i])
+            if after_block is not None:
+                j = len(double) + i
+                x = x.at[:, n_txt:].set(after_block(j, x[:, n_txt:])) if n_txt else after_block(j, x)
+            if keep_cache:
+                single.append((k[:, n_txt:], v[:, n_txt:]))
+        return x[:, n_txt:], ReferenceCache(tuple(double), tuple(single)) if keep_cache else None
+
+    def _run(self, block: nnx.Module, *args):
+        """`block(*args)`, rematerialised in the backward pass under the model's remat policy."""
+        return block(*args) if self.remat == "none" else checkpointed(block, *args, policy=self.remat)
 
     def cache_references(self, hidden_states: jax.Array, img_ids, timestep: float | jax.Array = 0.0,
                          guidance: jax.Array | None = None) -> ReferenceCache:
@@ -394,21 +413,17 @@ class Flux2Transformer(nnx.Module):
         (diffusers' `kv_cache_mode="extract"` with `ref_fixed_timestep`)."""
         b = hidden_states.shape[0]
         c = self.conditioning(jnp.full((b,), timestep), img_ids, np.zeros((0, 4), np.int32), guidance)
-        return self.cached_blocks(self.x_embedder(hidden_states), c.rope, c.mod_img, c.mod_single)
+        tokens = self.x_embedder(hidden_states)
+        return self.blocks(tokens, tokens[:, :0], c, keep_cache=True)[1]
 
     def __call__(self, hidden_states: jax.Array, encoder_hidden_states: jax.Array, timestep: jax.Array,
                  img_ids, txt_ids, guidance: jax.Array | None = None, cache: ReferenceCache | None = None) -> jax.Array:
         """Velocity for image tokens (B, L_img, in_channels); same arguments as diffusers' forward, and an
         optional reference cache whose tokens every token attends to (diffusers' `kv_cache_mode="cached"`)."""
         c = self.conditioning(timestep, img_ids, txt_ids, guidance)
-        img, txt = self.x_embedder(hidden_states), self.context_embedder(encoder_hidden_states)
-        for i, block in enumerate(self.transformer_blocks):
-            img, txt, _ = self.run_block(block, img, txt, c.mod_img, c.mod_txt, c.rope,
-                                         None if cache is None else cache.double[i])
-        x = jnp.concatenate([txt, img], axis=1)
-        for i, block in enumerate(self.single_transformer_blocks):
-            x, _ = self.run_block(block, x, c.mod_single, c.rope, None if cache is None else cache.single[i])
-        return self.head(x[:, txt.shape[1]:], c.temb)
+        img, _ = self.blocks(self.x_embedder(hidden_states), self.context_embedder(encoder_hidden_states), c,
+                             cache=cache)
+        return self.head(img, c.temb)
 
 
 def count_params(cfg: Flux2Config) -> int:

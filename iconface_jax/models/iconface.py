@@ -35,7 +35,7 @@ MEMORY_READERS = ("image", "scene")
 
 @dataclasses.dataclass(frozen=True)
 class IConFaceConfig:
-    """Side-pathway hyper-parameters; the paper's choices where it gives them, ours (BUILD_NOTES.md) elsewhere."""
+    """Side-pathway hyper-parameters; the paper's choices where it gives them, ours (docs/decisions.md) elsewhere."""
 
     variant: str = "full"
     id_dim: int = 512                 # AdaFace embedding size
@@ -47,7 +47,7 @@ class IConFaceConfig:
     pool_heads: int = 4
     xattn_rank: int = 64              # width of the low-rank Q_l, K_l, V_l
     xattn_heads: int = 2
-    t_scene: int = 0                  # RoPE t ids of the segments (DESIGN.md)
+    t_scene: int = 0                  # RoPE t ids (docs/design.md#hybrid-sequence)
     t_degraded: int = 2
     t_reference: int = 10
     # Degraded and reference tokens attend only among themselves at sigma 0, so their keys and values are
@@ -55,7 +55,8 @@ class IConFaceConfig:
     reference_cache: bool = False
     # What the network's output is read as: the velocity (FLUX.2's training), or the clean scene tokens x0,
     # turned into the velocity (z - x0) / max(sigma, clean_sigma_floor) so the loss and sampler are unchanged.
-    # Clean prediction suits narrow networks on wide pixel-patch tokens (the CPU demo; BUILD_NOTES.md).
+    # Clean prediction suits narrow networks on wide pixel-patch tokens (the CPU demo;
+    # docs/decisions.md#clean-token-prediction).
     prediction: str = "velocity"
     clean_sigma_floor: float = 0.05
     # Which image tokens read the degraded memory after every block: the paper's "image tokens" (scene,
@@ -265,11 +266,12 @@ class IConFace(nnx.Module):
             # Clean images at sigma 0, attending only among themselves: one pass, reused at every step.
             c = bb.conditioning(jnp.zeros((b,)), self._conditioning_ids(degraded_grid, grid, n_refs),
                                 sequence.text_ids(0))
-            mod_img, mod_single = _with_delta(c.mod_img, delta_double), _with_delta(c.mod_single, delta_single)
             read = None
             if memory is not None and cfg.memory_readers == "image":
                 read = lambda i, h: self.memory_xattn[i](h, memory)  # noqa: E731
-            cache, tokens = bb.cached_blocks(tokens, c.rope, mod_img, mod_single, after_block=read), None
+            _, cache = bb.blocks(tokens, tokens[:, :0], c, delta_double=delta_double, delta_single=delta_single,
+                                 after_block=read, keep_cache=True)
+            tokens = None
         return Conditions(residual, memory, delta_double, delta_single, tokens, cache,
                           tuple(grid), tuple(degraded_grid), n_refs)
 
@@ -283,36 +285,24 @@ class IConFace(nnx.Module):
             ids.append(self._conditioning_ids(cond.degraded_grid, cond.grid, cond.num_refs))
         c = bb.conditioning(sigma, np.concatenate(ids), sequence.text_ids(text.shape[1]))
 
-        img, txt = bb.x_embedder(scene), bb.context_embedder(text)
+        img = bb.x_embedder(scene)
         if cond.residual is not None:
             img = img + cond.residual
         if cond.tokens is not None:
             img = jnp.concatenate([img, cond.tokens], axis=1)
-        # The identity deltas modulate image tokens only; text keeps the shared modulation.
-        mod_img = _with_delta(c.mod_img, cond.delta_double)
-        mod_single = ((txt.shape[1], c.mod_single), (img.shape[1], _with_delta(c.mod_single, cond.delta_single)))
 
         # The memory's readers: the scene tokens, or every image token in the sequence (cached ones read it
         # in the cache pass).
         n_readers = n_scene if cfg.memory_readers == "scene" else img.shape[1]
 
-        def read_memory(block_index, h, start):
-            if cond.memory is None:
-                return h
-            readers = self.memory_xattn[block_index](h[:, start:start + n_readers], cond.memory)
-            return h.at[:, start:start + n_readers].set(readers)
+        def read_memory(block_index, h):
+            return h.at[:, :n_readers].set(self.memory_xattn[block_index](h[:, :n_readers], cond.memory))
 
-        cache = cond.cache
-        for i, block in enumerate(bb.transformer_blocks):
-            img, txt, _ = bb.run_block(block, img, txt, mod_img, c.mod_txt, c.rope,
-                                       None if cache is None else cache.double[i])
-            img = read_memory(i, img, 0)
-        n_txt = txt.shape[1]
-        x = jnp.concatenate([txt, img], axis=1)
-        for i, block in enumerate(bb.single_transformer_blocks):
-            x, _ = bb.run_block(block, x, mod_single, c.rope, None if cache is None else cache.single[i])
-            x = read_memory(len(bb.transformer_blocks) + i, x, n_txt)
-        out = bb.head(x[:, n_txt:n_txt + n_scene], c.temb)
+        # The identity deltas modulate image tokens only; text keeps the shared modulation.
+        img, _ = bb.blocks(img, bb.context_embedder(text), c, delta_double=cond.delta_double,
+                           delta_single=cond.delta_single, cache=cond.cache,
+                           after_block=None if cond.memory is None else read_memory)
+        out = bb.head(img[:, :n_scene], c.temb)
         if cfg.prediction == "clean":
             return clean_to_velocity(scene, out, sigma, cfg.clean_sigma_floor)
         return out
@@ -351,7 +341,3 @@ def clean_to_velocity(scene: jax.Array, clean: jax.Array, sigma: jax.Array, floo
     """The velocity (z - x0) / max(sigma, floor) of a clean-token prediction x0 (JiT's x-prediction)."""
     s = jnp.maximum(sigma.astype(jnp.float32), floor).reshape(-1, *([1] * (scene.ndim - 1)))
     return ((scene.astype(jnp.float32) - clean.astype(jnp.float32)) / s).astype(clean.dtype)
-
-
-def _with_delta(mod: jax.Array, delta: jax.Array | None) -> jax.Array:
-    return mod if delta is None else mod + delta.astype(mod.dtype)
