@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from iconface_jax import evaluate, metrics, weights
 from iconface_jax.data import synthetic
@@ -182,3 +183,46 @@ def test_posterior_mean_is_one_unguided_euler_step(toy_run):
     one_step = evaluate.restore.restore(system, deg, refs, key, steps=1, guidance=1.0)
     np.testing.assert_allclose(np.asarray(mean), np.asarray(one_step), atol=1e-5)
     assert float(jnp.abs(mean - evaluate.restore.posterior_mean(system, deg, refs[:, :0], key)).max()) > 0
+
+
+def test_ref_columns_use_the_first_reference(tmp_path):
+    """Ref-* is the cosine to the row's first reference's features, GT-* to the ground truth's, for the restored
+    image and (lq_*) the input: recomputed in numpy with features (the pixels themselves) that tell them apart."""
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name in ("gt", "lq", "ref1", "ref2"):
+        paths[name] = str(tmp_path / f"{name}.png")
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(paths[name])
+    (tmp_path / "restored").mkdir()
+    pixels = lambda x: np.asarray(x, np.float64).reshape(len(x), -1)  # noqa: E731 - a recogniser's stand-in
+    restore = lambda system, lq, refs, key: 0.5 * (lq + refs[:, 0])  # noqa: E731 - like both, equal to neither
+    evaluator = evaluate.Evaluator(None, 16, 1, str(tmp_path), restore, {"adaface": pixels}, {}, None, None, "y")
+    record = evaluator(evaluate.Row(0, "d", paths["gt"], paths["lq"], (paths["ref1"], paths["ref2"])))
+
+    feature = lambda path: np.asarray(Image.open(path), np.float64).ravel() / 127.5 - 1  # noqa: E731 - model scale
+    out, lq, gt, ref1 = (feature(p) for p in (str(tmp_path / "restored" / record["restored"]), paths["lq"],
+                                              paths["gt"], paths["ref1"]))
+    cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
+    want = {"ref_adaface": cos(out, ref1), "gt_adaface": cos(out, gt), "lq_ref_adaface": cos(lq, ref1),
+            "lq_gt_adaface": cos(lq, gt)}
+    assert abs(want["ref_adaface"] - want["gt_adaface"]) > 0.1  # the columns differ where the features do
+    for column, value in want.items():
+        assert float(record[column]) == pytest.approx(value, abs=2e-6), column
+    assert record["ref1_image"] == paths["ref1"] and record["refs_used"] == "1"
+
+
+def test_cli_defaults_are_the_documented_ones(monkeypatch, tmp_path):
+    """The paper's sampler settings (README "Restoring faces"; docs/design.md): 12 steps, guidance 4.0, seed 42;
+    three references for a CSV (the --refs help), SSIM on luma, the EMA weights, every row, the latest checkpoint
+    and the run's own degradation mix, face encoder and no ArcFace."""
+    seen = {}
+    for name in ("evaluate", "evaluate_synthetic"):
+        monkeypatch.setattr(evaluate, name, lambda args, name=name: seen.update({name: vars(args)}) or 0)
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--csv", "rows.csv", "--image-dir", str(tmp_path)]) == 0
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--synthetic", "4"]) == 0
+    for name, args in seen.items():
+        assert (args["steps"], args["guidance"], args["seed"]) == (12, 4.0, 42), name
+        assert (args["ssim_channels"], args["no_ema"], args["step"]) == ("y", False, None), name
+        assert (args["degradation"], args["adaface"], args["arcface"], args["lora_init"]) == ("",) * 4, name
+    assert seen["evaluate"]["refs"] == 3 and seen["evaluate"]["limit"] == 0 and not seen["evaluate"]["no_iqa"]
+    assert seen["evaluate_synthetic"]["refs"] is None  # its own default, 1: test_synthetic_evaluation_end_to_end
