@@ -15,7 +15,7 @@ FFHQ_TEMPLATE_512 = np.array([[192.98138, 239.94708], [318.90277, 240.19360], [2
                               [201.26117, 371.41043], [313.08905, 371.15118]], np.float32)
 # The crop_scale whose crops match our training data (FFHQ-aligned 512 crops): dlib's 68-point landmarks (FFHQ's
 # own) on the 40 FFHQ-aligned ground truths of ../shared/faces, fitted to the template, give scales of median 0.980
-# (mean 0.983 +- 0.008 s.e.m.); the fit is closest to the identity there (`python -m iconface_jax.align_bench`).
+# (mean 0.985 +- 0.008 s.e.m.); the fits are closest to the identity there (`python -m iconface_jax.align_bench`).
 CROP_SCALE = 0.98
 # The IConFace release's default: a wider crop (more of the head and background) than FFHQ's.
 RELEASE_CROP_SCALE = 1.35
@@ -77,17 +77,19 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: int = 512) -> np.ndarray:
                           borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_RGB)
 
 
-def _soft_mask(matrix: np.ndarray, crop_size: tuple[int, int], photo_size: tuple[int, int],
-               softness: float) -> np.ndarray:
-    """The crop's footprint in the photo, float32 in [0, 1]: shrunk, then feathered by a Gaussian, both in
-    proportion to the footprint's size (the release's recipe), so the crop's hard edges and border never show."""
-    width = max(softness, 0.5) * 2  # softness below 0.5 would leave the edge unblended
-    footprint = cv2.warpAffine(np.ones(crop_size, np.float32), matrix, photo_size,
+def _radius(area: float, width: float) -> int:
+    """The erosion and blur radius for a footprint of `area` px: a twentieth of its side, times `width`."""
+    return max(1, round(max(1, int(max(1.0, area) ** 0.5) // 20) * width))
+
+
+def _soft_mask(matrix: np.ndarray, crop_size: tuple[int, int], window: tuple[int, int], width: float) -> np.ndarray:
+    """The crop's footprint in the window (photo -> crop `matrix`), float32 in [0, 1]: shrunk, then feathered by a
+    Gaussian, both in proportion to the footprint's size (the release's recipe), so the crop's edges never show."""
+    footprint = cv2.warpAffine(np.ones(crop_size, np.float32), matrix, window,
                                flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
     # A first small erosion drops the bilinear fringe, whose partial weights would mix in the crop's black border.
     footprint = cv2.erode(np.clip(footprint, 0, 1), np.ones((max(1, round(width)),) * 2, np.uint8))
-    edge = max(1, int(max(1.0, float(footprint.sum())) ** 0.5) // 20)  # a twentieth of the footprint's side
-    radius = max(1, round(edge * width))
+    radius = _radius(float(footprint.sum()), width)
     inner = cv2.erode(footprint, np.ones((radius, radius), np.uint8))
     # The blur (sigma ~ 0.6 radius) reaches past the erosion (radius / 2): the release's mask keeps up to 5 % weight
     # outside the footprint, darkening the photo there by the crop's black surround. Cut to where the warped crop
@@ -102,9 +104,24 @@ def paste_back(photo: np.ndarray, crop: np.ndarray, matrix: np.ndarray, softness
     _check("crop", crop)
     if crop.shape[0] != crop.shape[1]:
         raise ValueError(f"crop must be square (the aligned crop); got {crop.shape[1]}x{crop.shape[0]}")
-    matrix = _matrix(matrix)
-    photo_size = (photo.shape[1], photo.shape[0])
-    back = cv2.warpAffine(crop, matrix, photo_size, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
-    mask = _soft_mask(matrix, crop.shape[:2], photo_size, softness)[..., None]
-    out = mask * back.astype(np.float32) + (1 - mask) * photo.astype(np.float32)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if not softness > 0:
+        raise ValueError(f"softness must be positive; got {softness}")
+    matrix, size = _matrix(matrix), crop.shape[0]
+    width = max(softness, 0.5) * 2  # softness below 0.5 would leave the edge unblended
+    # Only a window about the crop's footprint changes: working there keeps a small face in a large photo cheap.
+    # Its margin holds all the blur reads from outside (same values as on the whole photo: zeros, or the photo's
+    # own border where the window meets it), so the mask is exactly the whole photo's.
+    inverse = cv2.invertAffineTransform(matrix)
+    corners = np.array([[0, 0], [size, 0], [size, size], [0, size]], np.float64) @ inverse[:, :2].T + inverse[:, 2]
+    low = np.clip(np.floor(corners.min(0)), 0, photo.shape[1::-1]).astype(int)
+    high = np.clip(np.ceil(corners.max(0)) + 1, 0, photo.shape[1::-1]).astype(int)
+    margin = _radius(float(np.prod(high - low)), width) + 4
+    (x0, y0), (x1, y1) = np.maximum(low - margin, 0), np.minimum(high + margin, photo.shape[1::-1])
+    out = photo.copy()
+    shifted = np.concatenate([matrix[:, :2], matrix[:, :2] @ [[x0], [y0]] + matrix[:, 2:]], axis=1)
+    window = (int(x1 - x0), int(y1 - y0))
+    back = cv2.warpAffine(crop, shifted, window, flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP).astype(np.float32)
+    mask = _soft_mask(shifted, (size, size), window, width)[..., None]
+    region = out[y0:y1, x0:x1].astype(np.float32)
+    out[y0:y1, x0:x1] = np.clip(np.rint(mask * back + (1 - mask) * region), 0, 255).astype(np.uint8)
+    return out
