@@ -1,0 +1,54 @@
+"""The persistent compilation cache: a second start reads what the first compiled; the environment's directory wins;
+"none" turns it off. Counted from JAX's own monitoring events and the cache directory's files."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, env_with, run_train
+
+# Compiles two programs through `compilation.compile_all` after `compilation.enable(argv[1])`, then prints JAX's
+# count of cache hits and of compiles that consulted the cache.
+PROGRAM = """
+import sys, collections, jax, jax.numpy as jnp
+from iconface_jax import compilation
+events = collections.Counter()
+jax.monitoring.register_event_listener(lambda event, **_: events.update([event]))
+compilation.enable(sys.argv[1])
+x = jnp.ones((8, 8))
+compilation.compile_all({"matmul": lambda: jax.jit(lambda a: jnp.sin(a) @ a.T).lower(x),
+                         "cosine": lambda: jax.jit(jnp.cos).lower(x)})
+print("hits", events["/jax/compilation_cache/cache_hits"], "requests",
+      events["/jax/compilation_cache/compile_requests_use_cache"])
+"""
+
+
+def start(directory: str, tmp_path, **env) -> str:
+    """One process running PROGRAM with the cache at `directory`; its stdout."""
+    environment = {k: v for k, v in env_with().items() if not k.startswith(("JAX_PERSISTENT_CACHE", "JAX_COMPILATION"))}
+    environment.update(HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "xdg"), **env)
+    out = subprocess.run([sys.executable, "-c", PROGRAM, directory], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=environment)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_second_start_hits_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    first = start(str(cache), tmp_path)
+    assert "hits 0 requests" in first and "(from the compilation cache)" not in first, first
+    assert any(name.startswith("jit_cos") for name in os.listdir(cache))  # below JAX's 1 s default: cached too
+    second = start(str(cache), tmp_path)
+    requests = int(second.split("requests")[1])
+    assert requests > 0 and f"hits {requests} requests" in second, second  # every compile read from the cache
+    assert second.count("(from the compilation cache)") == 2, second
+
+
+def test_environment_directory_wins_and_none_is_off(tmp_path):
+    given, env_dir = tmp_path / "given", tmp_path / "from_env"
+    start(str(given), tmp_path, JAX_COMPILATION_CACHE_DIR=str(env_dir))
+    assert os.listdir(env_dir) and not given.exists()
+    off = start("none", tmp_path)
+    assert "requests 0" in off, off
+    assert not (tmp_path / "xdg").exists() and not (tmp_path / "none").exists()
