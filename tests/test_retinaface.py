@@ -296,9 +296,56 @@ def test_network_flag_and_inference(rt, tmp_path, capsys):
         assert rc == 0 and f"RetinaFace {network}\n" in err, err
 
 
+# Names and shapes in biubug6/Pytorch_Retinaface's checkpoints, read off its models/net.py and models/retinaface.py
+# (`body` = IntermediateLayerGetter, `conv_dw` = one Sequential [dw conv, BN, act, pw conv, BN, act], and
+# `ClassHead` etc. = ModuleLists of modules holding `conv1x1`).
+BIUBUG6_KEYS = {
+    "mobilenetv1_0.25": {"body.stage1.0.0.weight": (8, 3, 3, 3), "body.stage1.1.0.weight": (8, 1, 3, 3),
+                         "body.stage1.1.3.weight": (16, 8, 1, 1), "body.stage3.1.4.running_var": (256,),
+                         "fpn.output3.0.weight": (64, 256, 1, 1), "ssh3.conv7x7_3.1.bias": (16,),
+                         "ClassHead.2.conv1x1.bias": (4,), "BboxHead.0.conv1x1.weight": (8, 64, 1, 1),
+                         "LandmarkHead.1.conv1x1.weight": (20, 64, 1, 1)},
+    "resnet50": {"body.conv1.weight": (64, 3, 7, 7), "body.layer4.2.conv3.weight": (2048, 512, 1, 1),
+                 "body.layer2.0.downsample.1.running_mean": (512,), "fpn.output1.0.weight": (256, 512, 1, 1),
+                 "ClassHead.0.conv1x1.weight": (4, 256, 1, 1)},
+}
+HEADS = {"class": "ClassHead", "bbox": "BboxHead", "landmark": "LandmarkHead"}
+
+
+def _biubug6(key: str) -> str:
+    """A runtime state-dict key under biubug6's names."""
+    key = re.sub(r"^fx\.", "body.", key)
+    key = re.sub(r"^body\.(stage\d\.\d+)\.([01])\.([01])\.", lambda m: f"body.{m[1]}.{3 * int(m[2]) + int(m[3])}.",
+                 key)
+    return re.sub(r"^(class|bbox|landmark)_head\.\w+\.(\d)\.", lambda m: f"{HEADS[m[1]]}.{m[2]}.conv1x1.", key)
+
+
+@pytest.mark.parametrize("network", sorted(BIUBUG6_KEYS))
+def test_biubug6_names(rt, network):
+    translated = {convert_retinaface.biubug6_key(key): shape
+                  for key, shape, _ in convert_retinaface.official_plan(retinaface.RetinaFaceConfig(network)).values()}
+    assert BIUBUG6_KEYS[network].items() <= translated.items()
+    state = rt.RetinaFace(rt.get_config(network)).state_dict()
+    assert translated == {_biubug6(k): tuple(v.shape) for k, v in state.items()
+                          if not k.endswith(".num_batches_tracked")}
+
+
+def test_biubug6_checkpoint_converts_like_the_runtime_one(rt, tmp_path, capsys):
+    state = _their_model(rt, "mobilenetv1_0.25").state_dict()
+    torch.save({"module." + _biubug6(k): v for k, v in state.items()}, tmp_path / "mobilenet0.25_Final.pth")
+    torch.save(state, tmp_path / "runtime.pth")
+    for name in ("mobilenet0.25_Final", "runtime"):
+        rc, err = _convert(capsys, "--src", str(tmp_path / f"{name}.pth"), "--dst", str(tmp_path / name))
+        assert rc == 0 and "RetinaFace mobilenetv1_0.25" in err, err
+    ours, theirs = (weights.base_params(retinaface.load(str(tmp_path / n))) for n in ("mobilenet0.25_Final", "runtime"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name].get_value(), theirs[name].get_value(), err_msg=name)
+
+
 @pytest.mark.parametrize("state, expected", [
     ({"fx.features.0.0.weight": (32, 3, 3, 3)}, r"a MobileNet v2 RetinaFace .*not supported"),
-    ({"body.0.weight": (2,)}, "not a RetinaFace checkpoint in the runtime's layout"),
+    ({"encoder.0.weight": (2,)}, r"not a RetinaFace checkpoint \(the authors' runtime or biubug6 layout\)"),
     ({f"fx.layer3.{i}.conv1.weight": (2,) for i in range(4)}, "4 basic blocks in 'fx.layer3' match no known"),
     ({"fx.stage1.0.0.weight": (24, 3, 3, 3)}, "'fx.stage1.0.0.weight' has 24 output channels"),
 ], ids=["mobilenet_v2", "other_network", "resnet_depth", "mobilenet_width"])
