@@ -23,9 +23,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import ROOT, rel_err
+from convert import export
 from convert import flux2 as convert_flux2
 from convert import lora as convert_lora
 from convert import vae as convert_vae
+from convert.safetensors_file import write_safetensors
 from iconface_jax import restore, sequence, text, weights
 from iconface_jax import system as face_system
 from iconface_jax.models import flux2, lora, vae
@@ -308,3 +310,105 @@ def test_preset_counts_on_klein_4b_match_theirs(ref):
         lora.add_lora(model, 16, 16.0, lora.preset_targets(preset))
         fused = cfg.num_layers * (2 if preset == "flux2_klein" else 4)  # q, k, v beyond the first, per fused qkv
         assert lora.count(model) == their_count + fused * 16 * cfg.hidden_size, preset
+
+# --- diffusers/peft-named LoRAs: our own export, diffusers' trainers and peft read back ---
+
+TINY = flux2.Flux2Config(in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
+                         num_attention_heads=2, joint_attention_dim=32, mlp_ratio=2.0, axes_dims_rope=(2, 2, 2, 2))
+
+
+def tiny_adapted(preset: str, rank: int, alpha: float, seed: int = 0) -> flux2.Flux2Transformer:
+    """A tiny FLUX.2 transformer with `preset` adapters, B random (it starts at zero) so that updates show."""
+    model = flux2.Flux2Transformer(TINY, rngs=nnx.Rngs(seed))
+    lora.add_lora(model, rank, alpha, lora.preset_targets(preset), seed=seed)
+    rng = np.random.default_rng(seed)
+    for layer in lora.linears(model).values():
+        if layer.lora_b is not None:
+            layer.lora_b.set_value(rng.standard_normal(layer.lora_b.get_value().shape).astype(np.float32) * 0.1)
+    return model
+
+
+def updates(model: flux2.Flux2Transformer) -> dict[str, np.ndarray]:
+    """Each adapted Linear's weight update A B * alpha / rank, (in, out) in float64."""
+    return {name: np.asarray(layer.lora_a[...], np.float64) @ np.asarray(layer.lora_b[...], np.float64)
+            * layer.lora_scale for name, layer in lora.linears(model).items() if layer.lora_a is not None}
+
+
+def assert_reads_back(model, dst, preset: str, rank: int, alpha: float):
+    """The converted directory `dst` holds `preset` at (rank, alpha) and gives `model`'s updates on a fresh model."""
+    assert weights.read_config(str(dst), lora.FAMILY) == {"rank": rank, "alpha": alpha, "targets": preset}
+    back = flux2.Flux2Transformer(TINY, rngs=nnx.Rngs(1))
+    lora.add_lora(back, rank, alpha, lora.preset_targets(preset), seed=1)
+    lora.restore(back, str(dst), rank, alpha, preset)
+    want, got = updates(model), updates(back)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("preset", sorted(lora.PRESETS))
+def test_export_round_trips_through_the_importer(tmp_path, capsys, preset):
+    """convert.export's LoRA file (diffusers names, alpha / rank folded into B, alpha = rank) converts back to
+    the exported model's updates, from the export directory as from the file."""
+    model = tiny_adapted(preset, RANK, ALPHA)
+    tensors, config = export.lora_state(model)
+    (tmp_path / "export").mkdir()
+    write_safetensors(str(tmp_path / "export" / export.LORA_FILE), tensors, export.lora_metadata(config))
+    assert convert_lora.main(["--src", str(tmp_path / "export"), "--dst", str(tmp_path / "lora")]) == 0
+    assert "(diffusers names)" in capsys.readouterr().err
+    assert_reads_back(model, tmp_path / "lora", preset, RANK, float(RANK))
+
+
+PEFT_FILES = {  # key prefix, where rank and alpha are given
+    "diffusers trainer": ("transformer.", "metadata"),
+    "peft save_pretrained": ("base_model.model.", "adapter_config.json"),
+    "bare, no alpha": ("", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_FILES))
+def test_importer_reads_diffusers_and_peft_files(tmp_path, case):
+    """Unfolded factors with their alpha in diffusers' metadata or peft's adapter_config.json; with neither, alpha
+    is the rank, as diffusers' loader takes it."""
+    prefix, given = PEFT_FILES[case]
+    model = tiny_adapted("flux2_klein_full", RANK, ALPHA if given else float(RANK))
+    tensors = {}
+    for name, layer in lora.linears(model).items():
+        if layer.lora_a is not None:
+            tensors[f"{prefix}{name}.lora_A.weight"] = np.asarray(layer.lora_a[...]).T
+            tensors[f"{prefix}{name}.lora_B.weight"] = np.asarray(layer.lora_b[...]).T
+    peft_config = {"r": RANK, "lora_alpha": ALPHA, "rank_pattern": {}, "alpha_pattern": {}, "peft_type": "LORA"}
+    metadata = export.lora_metadata(peft_config) if given == "metadata" else {"format": "pt"}
+    (tmp_path / "src").mkdir()
+    write_safetensors(str(tmp_path / "src" / "adapter_model.safetensors"), tensors, metadata)
+    if given == "adapter_config.json":
+        (tmp_path / "src" / "adapter_config.json").write_text(json.dumps(peft_config))
+    assert convert_lora.main(["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "lora")]) == 0
+    assert_reads_back(model, tmp_path / "lora", "flux2_klein_full", RANK, ALPHA if given else float(RANK))
+
+
+PEFT_BAD = {
+    "another naming": (lambda t, m: {f"model.diffusion_model.{k}": v for k, v in t.items()},
+                       ["'model.diffusion_model.", "transformer.transformer_blocks.N.attn.to_q.lora_A.weight",
+                        "double_blocks.N.img_attn.qkv.lora_A.weight"]),
+    "mixed namings": (lambda t, m: {**t, "double_blocks.0.img_attn.qkv.lora_A.weight": np.zeros((RANK, 16), np.float32),
+                                    "double_blocks.0.img_attn.qkv.lora_B.weight": np.zeros((48, RANK), np.float32)},
+                      ["'transformer.single_transformer_blocks.0.attn.to_out'",
+                       "the naming of 'double_blocks.0.img_attn.qkv'"]),
+    "rank pattern": (lambda t, m: m.update(rank_pattern={"to_q": 8}) and t, ["rank_pattern", "one of each"]),
+    "rank": (lambda t, m: m.update(r=8) and t, ["lora_rank 8", "rank 4", "rank disagreement"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_BAD))
+def test_importer_refuses_diffusers_files(tmp_path, capsys, case):
+    edit, needles = PEFT_BAD[case]
+    tensors, config = export.lora_state(tiny_adapted("flux2_klein", RANK, ALPHA))
+    tensors = edit(tensors, config) or tensors
+    src = tmp_path / "src.safetensors"
+    write_safetensors(str(src), tensors, export.lora_metadata(config))
+    assert convert_lora.main(["--src", str(src), "--dst", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    for needle in [str(src), *needles]:
+        assert needle in err, err
+    assert not (tmp_path / "out").exists()
