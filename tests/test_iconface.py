@@ -302,3 +302,41 @@ def test_identity_deltas_shift_the_image_modulations(text_len, monkeypatch):
     real = flux2.Modulation.__call__
     monkeypatch.setattr(flux2.Modulation, "__call__", lambda self, temb: real(self, temb) + shifted.get(id(self), 0))
     np.testing.assert_allclose(got, backbone_out(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_memory_reads_the_image_tokens_at_their_offsets(cached, monkeypatch):
+    """In the default configuration (every image token reads), with the backbone's blocks made identities (zero
+    modulations: no attention or MLP residual), the memory reads are the only change to the tokens: each read's
+    input is the token segment written out from the embedded [scene; degraded; references] and the previous reads,
+    and the scene tokens' reads alone move the output, by far (were the scene not read, it would not move)."""
+    real = flux2.Modulation.__call__
+    monkeypatch.setattr(flux2.Modulation, "__call__", lambda self, temb: jnp.zeros_like(real(self, temb)))
+    calls = []
+    call = iconface.MemoryCrossAttention.__call__
+    monkeypatch.setattr(iconface.MemoryCrossAttention, "__call__",
+                        lambda self, h, memory: calls.append((self, h, call(self, h, memory))) or calls[-1][2])
+    model = iconface.IConFace(backbone(), dataclasses.replace(CFG, reference_cache=cached))
+    assert model.config.memory_readers == iconface.IConFaceConfig().memory_readers == "image"
+    rng = np.random.default_rng(3)
+    for xattn in model.memory_xattn:
+        xattn.gamma.set_value(jnp.asarray(3 * rng.standard_normal(xattn.gamma.shape), jnp.float32))
+    x, refs, blocks = inputs(2), 2, 2 + 2  # the tiny preset: 2 double and 2 single blocks
+    with_memory = np.asarray(model(**x, grid=GRID))
+
+    b, c = x["scene"].shape[0], x["scene"].shape[-1]
+    embedded = model.backbone.x_embedder(
+        jnp.concatenate([x["scene"], x["degraded"], x["references"].reshape(b, -1, c)], 1))
+    # Which tokens read, pass by pass: all of them in one pass, or [degraded; refs] in the cache pass, then the scene.
+    passes = [embedded[:, N:], embedded[:, :N]] if cached else [embedded]
+    assert len(calls) == blocks * len(passes) and embedded.shape[1] == (2 + refs) * N
+    for p, tokens in enumerate(passes):
+        for i in range(blocks):
+            xattn, h, out = calls[p * blocks + i]
+            assert xattn is model.memory_xattn[i]
+            np.testing.assert_allclose(np.asarray(h), np.asarray(tokens), rtol=1e-5, atol=1e-5, err_msg=f"{p}, {i}")
+            tokens = out
+
+    for xattn in model.memory_xattn:
+        xattn.gamma.set_value(jnp.zeros(xattn.gamma.shape, jnp.float32))
+    assert rel_err(with_memory, np.asarray(model(**x, grid=GRID))) > 0.05
