@@ -238,6 +238,8 @@ def test_detect_refuses_bad_images(r34):
         retinaface.detect(ours, np.zeros((32, 32), np.uint8))
     with pytest.raises(ValueError, match="images must be uint8 RGB"):
         retinaface.detect(ours, np.zeros((32, 32, 3), np.float32))
+    with pytest.raises(ValueError, match=r"one size, got shapes \[\(32, 32, 3\), \(32, 40, 3\)\]"):
+        retinaface.detect_batch(ours, [np.zeros((32, 32, 3), np.uint8), np.zeros((32, 40, 3), np.uint8)])
 
 
 def test_resize_scale_rule():

@@ -380,6 +380,9 @@ def detect_batch(model: RetinaFace, images: np.ndarray | Sequence[np.ndarray], *
                  keep_top_k: int = 750) -> list[np.ndarray]:
     """`detect` on several uint8 RGB images of one size (B, H, W, 3), in one batched forward pass: one
     float32 (N_b, 15) array per image."""
+    shapes = {np.shape(im) for im in images}
+    if len(shapes) > 1:
+        raise ValueError(f"detect_batch: images must all have one size, got shapes {sorted(shapes)}")
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or 0 in images.shape[:3]:
         raise ValueError(f"detect: images must be uint8 RGB of shape (B, H, W, 3) (one size), got {images.dtype} "
@@ -407,7 +410,7 @@ def detect_batch(model: RetinaFace, images: np.ndarray | Sequence[np.ndarray], *
 def detect(model: RetinaFace, image: np.ndarray, *, threshold: float = 0.6, resize_short: int = 640,
            nms_threshold: float = 0.4, top_k: int = 5000, keep_top_k: int = 750) -> np.ndarray:
     """Faces in a uint8 RGB image (H, W, 3): float32 (N, 15) rows [x1, y1, x2, y2, score, 10 landmark
-    coordinates (x, y) for the left eye, right eye, nose, left and right mouth corners] in the image's pixels,
+    coordinates: (x, y) of two eyes, the nose and two mouth corners, in the checkpoint's order] in the image's pixels,
     highest score first. `threshold` on the face probability, `top_k` boxes before NMS (IoU
     `nms_threshold`), `keep_top_k` after; the short edge is upscaled to `resize_short` when shorter."""
     image = np.asarray(image)
