@@ -1,4 +1,4 @@
-"""Convert a RetinaFace checkpoint in the IConFace authors' runtime layout to `iconface_jax.models.retinaface`.
+"""Convert a RetinaFace checkpoint (the IConFace authors' runtime layout, or biubug6's) to our Flax layout.
 
     python -m convert.retinaface --src retinaface_r34.pth --dst weights/retinaface_r34 [--network resnet34]
 

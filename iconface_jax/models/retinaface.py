@@ -11,7 +11,8 @@ Pytorch_Retinaface design in the `fx` / `class_head` naming of their `retinaface
     *_head      one 1x1 conv per level, 2 anchors per pixel: class (2), box (4) and landmark (10) values
 
 Activations are NHWC; attribute paths mirror the torch state-dict names (`fpn.output1.0.kernel` <-
-`fpn.output1.0.weight`), so `convert/retinaface.py` is a rename plus conv layout transposes. BatchNorm runs on
+`fpn.output1.0.weight`), so `convert/retinaface.py` is a rename plus conv layout transposes (it also reads
+biubug6's and facexlib's own names: `body.`, `ClassHead.N.conv1x1`, ...). BatchNorm runs on
 running statistics (`recognition.FrozenBatchNorm`, frozen `nnx.Param`s). `detect` follows the runtime's
 `RetinaFaceDetector.detect`: RGB -> BGR, the short edge upscaled (never downscaled) to `resize_short` with
 OpenCV's bilinear resize, the BGR mean (104, 117, 123) subtracted, boxes and landmarks decoded against the
