@@ -17,6 +17,7 @@ if __name__ == "__main__":  # compile-only, before JAX is imported: the CUDA plu
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -30,7 +31,7 @@ from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from iconface_jax import restore, sharding, system as face_system, train  # noqa: E402 - train defines --config
+from iconface_jax import config, restore, sharding, system as face_system, train  # noqa: E402 - train defines --config
 from iconface_jax.flops import model_flops  # noqa: E402
 from iconface_jax.models.attention import CUDNN_DTYPES  # noqa: E402
 from iconface_jax.models.layers import Precision  # noqa: E402
@@ -279,4 +280,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=functools.partial(config.parse_flags, default="configs/demo.py"))

@@ -20,12 +20,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
-from iconface_jax import flow, restore, sequence, text, train
+from iconface_jax import config, flow, restore, sequence, text, train
 from iconface_jax.flops import measure_peak, model_flops, train_flops
 from iconface_jax.models import adaface, flux2, iconface, lora, vae
 from iconface_jax.models.layers import Precision
@@ -163,9 +162,7 @@ def bench_full(system: FaceSystem, cfg, batch: int, refs: int, grid: int, text_l
     images = jax.random.uniform(key, (batch, 2 + refs, size, size, 3), jnp.float32, -1, 1)
     batch_arrays = dict(gt=images[:, 0], deg=images[:, 1], refs=images[:, 2:],
                         num_refs=jnp.full((batch,), refs, jnp.int32))
-    t = ml_collections.ConfigDict(dict(sigma_law="logit_normal", sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0,
-                                       sigma_unshifted_fraction=0.0, term_grad_norms=False, text_dropout=0.1,
-                                       residual_dropout=0.0, lambda_id=0.1, lambda_h=0.5, omega_min=0.25, ema_decay=0.0))
+    t = config.defaults().train  # the paper's recipe (the step keeps no EMA: the state has none)
     graphdef, params, rest = nnx.split(system, iconface.trainable, ...)
     tx = optax.adamw(1e-4)
     state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(0))

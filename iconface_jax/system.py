@@ -69,12 +69,10 @@ def build(cfg: ml_collections.ConfigDict, place: weights.Placement | None = None
         fields = {k: v for k, v in m.backbone.items() if k != "preset"}
         arch = dataclasses.replace(flux2.PRESETS[m.backbone.preset], **fields)
         backbone = flux2.build(arch, precision, seed=cfg.seed, attention_backend=backend, remat=m.remat,
-                                   init=m.get("init", "torch"))
-    # Workdirs from before `lora.targets` named their set by `feed_forward`.
-    targets = m.lora.get("targets") or ("flux2_klein_full" if m.lora.get("feed_forward") else "attention")
-    lora.add_lora(backbone, m.lora.rank, m.lora.alpha, lora.preset_targets(targets), seed=cfg.seed)
-    if m.get("lora_init"):  # a converted adapter (the authors' release) instead of B = 0
-        lora.restore(backbone, m.lora_init, m.lora.rank, m.lora.alpha, targets)
+                                   init=m.init)
+    lora.add_lora(backbone, m.lora.rank, m.lora.alpha, lora.preset_targets(m.lora.targets), seed=cfg.seed)
+    if m.lora_init:  # a converted adapter (the authors' release) instead of B = 0
+        lora.restore(backbone, m.lora_init, m.lora.rank, m.lora.alpha, m.lora.targets)
     model = iconface.IConFace(backbone, iconface.IConFaceConfig(**m.iconface), seed=cfg.seed)
 
     codec = build_autoencoder(m, place)
@@ -96,7 +94,7 @@ def build_autoencoder(m: ml_collections.ConfigDict, place: weights.Placement | N
     """The codec of a config's `model` section: the FLUX.2 VAE or the demo's patchify codec (converted weights
     restored with the shardings `place(shape)`)."""
     precision = Precision.named(m.precision)
-    if m.autoencoder.kind == "vae" and m.autoencoder.get("bands", ()):
+    if m.autoencoder.kind == "vae" and m.autoencoder.bands:
         raise ValueError("config.model.autoencoder.bands: the DCT band cut is the patchify codec's; the VAE has none")
     if m.autoencoder.kind == "vae" and not m.autoencoder.weights:  # random, as every other part without weights
         config = dataclasses.replace(vae.DEFAULT, remat_decoder=m.autoencoder.remat_decoder)
@@ -105,7 +103,7 @@ def build_autoencoder(m: ml_collections.ConfigDict, place: weights.Placement | N
         return vae.load(m.autoencoder.weights, dtype=precision.dtype, param_dtype=precision.param_dtype,
                         place=place, remat_decoder=m.autoencoder.remat_decoder)
     if m.autoencoder.kind == "patchify":
-        return patchify.PatchAutoencoder(m.autoencoder.factor, m.autoencoder.get("bands", ()))
+        return patchify.PatchAutoencoder(m.autoencoder.factor, m.autoencoder.bands)
     raise ValueError(f"config.model.autoencoder.kind {m.autoencoder.kind!r}: expected 'vae' or 'patchify'")
 
 

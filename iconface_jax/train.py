@@ -26,70 +26,33 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ml_collections import config_flags
 
-from iconface_jax import checkpointing, flops, flow, hosts, losses, restore, sampling, sharding, storage
+from iconface_jax import checkpointing, config, flops, flow, hosts, losses, restore, sampling, sharding, storage
 from iconface_jax import system as face_system
-from iconface_jax.data import latents, pipeline
-from iconface_jax.models import flux2, iconface
-from iconface_jax.models.layers import REMAT_POLICIES, Precision
+from iconface_jax.data import pipeline
+from iconface_jax.models.layers import Precision
 
 SCHEDULE_STEPS = 12  # the paper's sampling steps, which set the dynamic shift that training matches
 
-config_flags.DEFINE_config_file("config", "configs/demo.py", "training config file", lock_config=True)
+config.define_flag("config")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with an override of a field the config lacks (`--config.train.stepz=3`) reported in
-    its one-line form, as any other bad flag, instead of ml_collections' traceback; a field given twice is
-    refused (config_flags appends a repeated tuple override to the first instead of replacing it)."""
-    seen = {}
-    for arg in argv[1:]:
-        if arg.startswith("--config."):
-            key = arg.split("=", 1)[0]
-            if key in seen:
-                sys.stderr.write(f"FATAL Flags parsing error: flag {key} is given twice ({seen[key]}, {arg}); "
-                                 "give it once\n")
-                sys.exit(1)
-            seen[key] = arg
+    """The command line (`--config FILE.py[:ARG]`, default the demo, `--config.a.b=value`; `--help` lists the
+    config's fields), and the config validated in full: a bad flag or field exits in one line before anything
+    is written to the workdir or compiled."""
+    rest = config.parse_flags(argv, default="configs/demo.py")
     try:
-        return app.parse_flags_with_usage(argv)
-    except (KeyError, AttributeError) as e:  # ml_collections: "'stepz'\nDid you mean "steps" instead of "stepz"?"
-        message = e.args[0]
-        while isinstance(message, BaseException):  # ml_collections re-raises its KeyError as an AttributeError
-            message = message.args[0]
-        field, *hint = str(message).splitlines()
-        flag = next((a for a in argv if a.startswith("--config.") and field.strip("'") in a.split("=")[0].split(".")),
-                    "--config")
-        sys.stderr.write(f"FATAL Flags parsing error: flag {flag}: the config has no field {field}"
-                         f"{'; ' + ' '.join(hint) if hint else ''}\n")
+        config.validate(flags.FLAGS.config)
+    except config.ConfigError as e:
+        sys.stderr.write(f"FATAL config error: {e}\n")
         sys.exit(1)
+    return rest
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Fails fast, before anything compiles, on a config that cannot run."""
-    n = jax.device_count()
-    data, fsdp = cfg.mesh.data, cfg.mesh.fsdp
-    if (data * fsdp if data != -1 else fsdp) > n or (data != -1 and data * fsdp != n) or n % fsdp:
-        raise ValueError(f"config.mesh data={data} fsdp={fsdp} does not fit the {n} devices")
-    if cfg.train.batch_size % n:
-        raise ValueError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by the {n} devices")
-    if cfg.model.backbone.preset not in flux2.PRESETS:
-        raise ValueError(f"config.model.backbone.preset {cfg.model.backbone.preset!r} is not one of "
-                         f"{sorted(flux2.PRESETS)}")
-    for name, path in [("model.weights", cfg.model.weights), ("model.autoencoder.weights", cfg.model.autoencoder.weights),
-                       ("model.face_encoder.weights", cfg.model.face_encoder.weights),
-                       ("model.text.embeddings", cfg.model.text.embeddings)]:
-        if path and not storage.path(path).exists():
-            raise FileNotFoundError(f"config.{name}: {path} does not exist")
-    if cfg.model.remat != "none" and cfg.model.remat not in REMAT_POLICIES:
-        raise ValueError(f"config.model.remat {cfg.model.remat!r} is not 'none' or one of {sorted(REMAT_POLICIES)}")
-    for name in ("text_dropout", "residual_dropout"):
-        if not 0.0 <= cfg.train[name] <= 1.0:
-            raise ValueError(f"config.train.{name} must lie in [0, 1], got {cfg.train[name]}")
-    iconface.IConFaceConfig(**cfg.model.iconface)  # unknown variant or field fails here
-    if cfg.data.latents:
-        latents.LatentStore(cfg.data.latents).check(cfg)
+    """Fails fast, before anything compiles, on a config that cannot run (`config.validate` on these devices)."""
+    config.validate(cfg, jax.device_count())
 
 
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:

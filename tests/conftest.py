@@ -161,20 +161,10 @@ def paper_overrides(vae_dir) -> list[str]:
 
 
 def demo_config(*overrides: str):
-    """configs/demo.py with `--config.a.b=value` overrides applied as the trainer's flags would."""
-    import ast
+    """configs/demo.py with `--config.a.b=value` overrides applied as the trainer's command line applies them."""
+    from iconface_jax import config
 
-    from configs import demo
-
-    cfg = demo.get_config()
-    for override in overrides:
-        key, value = override[len("--config."):].split("=", 1)
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value if isinstance(node[leaf], str) else ast.literal_eval(value)
-    return cfg
+    return config.load(str(ROOT / "configs" / "demo.py"), overrides)
 
 
 # --- face recognisers (tests/test_adaface.py, tests/test_arcface.py) ---

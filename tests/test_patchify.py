@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.fft
 
-from iconface_jax import system as face_system
+from iconface_jax import config, system as face_system
 from iconface_jax.models import patchify
 
 
@@ -70,8 +70,8 @@ def test_config_bands_reach_the_codec_and_only_patchify_takes_them():
     m = ml_collections.ConfigDict(dict(precision="float32", autoencoder=dict(
         kind="patchify", factor=8, bands=(6, 3), weights="", remat_decoder=False)))
     assert face_system.build_autoencoder(m).token_channels == 33
-    del m.autoencoder.bands  # configs from before bands existed: pixel tokens
-    assert face_system.build_autoencoder(m).token_channels == 192
+    del m.autoencoder.bands  # configs from before bands existed (as config.upgrade reads them): pixel tokens
+    assert face_system.build_autoencoder(config.upgrade({"model": m.to_dict()}).model).token_channels == 192
     m.autoencoder.kind, m.autoencoder.bands = "vae", (6, 3)
     with pytest.raises(ValueError, match="autoencoder.bands"):
         face_system.build_autoencoder(m)

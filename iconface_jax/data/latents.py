@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from iconface_jax import storage
@@ -38,7 +37,7 @@ def autoencoder_identity(model_cfg: ml_collections.ConfigDict) -> dict:
     a = model_cfg.autoencoder
     weights = os.path.realpath(a.weights) if a.weights and not storage.is_remote(a.weights) else a.weights
     identity = dict(kind=a.kind, factor=int(a.factor), weights=weights, precision=model_cfg.precision)
-    if a.get("bands", ()):  # (absent otherwise, so stores written before bands existed stay valid)
+    if a.bands:  # (absent otherwise, so stores written before bands existed stay valid)
         identity["bands"] = [int(b) for b in a.bands]
     return identity
 
@@ -153,9 +152,10 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from iconface_jax import config  # (it validates latents with this module)
+
     # Defined here, not at import: the trainer, imported beside this module, owns `--config` there.
-    config_flags.DEFINE_config_file("config", None, "training config file (its data and model sections)")
+    config.define_flag("config")
     flags.DEFINE_string("out", None, "new directory for the latents", required=True)
     flags.DEFINE_integer("batch_size", 16, "images encoded per call")
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=config.parse_flags)
