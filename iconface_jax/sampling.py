@@ -1,4 +1,5 @@
-"""The FLUX.2-klein sampler: Euler over the dynamically shifted flow-match schedule with batched CFG.
+"""Sampling: the FLUX.2-klein sampler (Euler over the dynamically shifted flow-match schedule, batched CFG)
+and IConFace's face restoration on it (`restore_faces`, `restore_tokens`, `posterior_mean`).
 
 Schedule as `Flux2KleinPipeline`: sigmas linspace(1, 1/n, n), shifted by exp(mu) / (exp(mu) + (1/s - 1))
 with mu = compute_empirical_mu(image_seq_len, n), then a final 0. Guidance runs both branches in one
@@ -12,6 +13,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from iconface_jax import flow
+from iconface_jax.system import FaceSystem, grid_of
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -55,3 +59,52 @@ def sample(velocity: Callable[[jax.Array, jax.Array], jax.Array], noise: jax.Arr
         return z
 
     return jax.lax.fori_loop(0, len(sigmas) - 1, step, noise)
+
+
+def restore_faces(system: FaceSystem, degraded: jax.Array, references: jax.Array, key: jax.Array,
+                  steps: int = 12, guidance: float = 4.0, on_step=None) -> jax.Array:
+    """Restored images (B, H, W, 3) in [-1, 1] from degraded (B, H, W, 3) and references (B, R, H, W, 3)."""
+    _, h, w, _ = degraded.shape
+    noise = jax.random.normal(key, jax.eval_shape(system.encode, degraded).shape, jnp.float32)
+    z0 = restore_tokens(system, degraded, references, noise, steps, guidance, on_step)
+    return jnp.clip(system.decode(z0, h, w), -1.0, 1.0)
+
+
+def restore_tokens(system: FaceSystem, degraded: jax.Array, references: jax.Array, noise: jax.Array,
+                   steps: int = 12, guidance: float = 4.0, on_step=None) -> jax.Array:
+    """Restored scene tokens z0 (B, L, C), sampled from the initial tokens `noise` (B, L, C)."""
+    cond, text = conditions(system, degraded, references)
+    # Both guidance branches see the same images.
+    cond = jax.tree.map(lambda x: jnp.concatenate([x, x]), cond)
+
+    def velocity(z2, sigma2):
+        return system.model.velocity(z2, text, sigma2, cond)
+
+    return sample(velocity, noise, schedule(steps, noise.shape[1]), guidance, on_step)
+
+
+def posterior_mean(system: FaceSystem, degraded: jax.Array, references: jax.Array, key: jax.Array) -> jax.Array:
+    """The model's one-step clean estimate from pure noise (sigma 1, the prompt's branch), images (B, H, W, 3).
+
+    At sigma 1 the noisy input carries nothing about the image, so a trained model's estimate there is its
+    posterior mean E[x | degraded, references]: the regression its samples scatter around. A perfect sampler's
+    samples have twice its mean squared error (docs/demo.md#samples-and-the-posterior-mean), so it separates
+    what the model knows from what sampling adds.
+    """
+    b, h, w, _ = degraded.shape
+    cond, text = conditions(system, degraded, references)
+    noise = jax.random.normal(key, jax.eval_shape(system.encode, degraded).shape, jnp.float32)
+    sigma = jnp.ones((b,), jnp.float32)
+    z0 = flow.estimate_z0(noise, system.model.velocity(noise, text[:b], sigma, cond), sigma)
+    return jnp.clip(system.decode(z0, h, w), -1.0, 1.0)
+
+
+def conditions(system: FaceSystem, degraded: jax.Array, references: jax.Array):
+    """What every sampling step reuses (`IConFace.condition`) and the text [prompt; empty] (2B, T, C)."""
+    b, h, w, _ = degraded.shape
+    x_deg, x_refs = system.encode(degraded), system.encode(references)
+    e_id = system.anchor(degraded, references)
+    text = jnp.concatenate([jnp.broadcast_to(system.prompt[...], (b, *system.prompt.shape)),
+                            jnp.broadcast_to(system.empty[...], (b, *system.empty.shape))]).astype(x_deg.dtype)
+    # Conditions (and the reference cache) once per image.
+    return system.model.condition(x_deg, x_refs, e_id, grid=grid_of(h, w, x_deg.shape[1])), text

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, rel_err
 from convert import export
 from convert import torch_pathways as tp
-from iconface_jax import restore, sampling
+from iconface_jax import sampling, workdir
 from iconface_jax import system as face_system
 from iconface_jax.models import iconface, lora
 
@@ -126,7 +126,7 @@ def test_side_file_schema(tmp_path):
 def test_export_cli_on_a_trained_run(toy_run, tmp_path):
     out = tmp_path / "export"
     assert export.main(["--checkpoint", str(toy_run), "--out", str(out), "--merged"]) == 0
-    system, _, _ = restore.load(str(toy_run))
+    system, _, _ = workdir.load(str(toy_run))
     # The pipeline's own loader, given the directory (it picks pytorch_lora_weights.safetensors).
     transformer = load_transformer(out / "base_transformer")
     pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
@@ -190,7 +190,7 @@ def test_restore_reuses_conditions_across_steps_and_branches():
     deg = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
     refs = jnp.asarray(rng.uniform(-1, 1, (2, 2, 32, 32, 3)), jnp.float32)
     key = jax.random.PRNGKey(0)
-    got = restore.restore(system, deg, refs, key, steps=3, guidance=2.0)
+    got = sampling.restore_faces(system, deg, refs, key, steps=3, guidance=2.0)
 
     x_deg, x_refs, e_id = system.encode(deg), system.encode(refs), system.anchor(deg, refs)
     text = jnp.concatenate([jnp.broadcast_to(system.prompt[...], (2, *system.prompt.shape)),

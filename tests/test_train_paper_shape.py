@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import losses, paper_overrides, run_train
-from iconface_jax import restore
+from iconface_jax import workdir as workdirs
 from iconface_jax import system as face_system
 
 STEPS = 4
@@ -74,7 +74,7 @@ def test_restore_prefers_the_ema(runs):
     ema, raw = stored(whole, "ema"), stored(whole, "params")
     assert any(not np.array_equal(ema[k], raw[k]) for k in raw)  # decay 0.9 over 4 steps: the two differ
     for prefer_ema, want in ((True, ema), (False, raw)):
-        system, cfg, step = restore.load(str(whole), prefer_ema=prefer_ema)
+        system, cfg, step = workdirs.load(str(whole), prefer_ema=prefer_ema)
         assert step == STEPS
         params = nnx.state(system, face_system.trainable_filter(cfg))
         got = {".".join(str(p) for p in path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(params)}
