@@ -15,7 +15,7 @@ FFHQ_TEMPLATE_512 = np.array([[192.98138, 239.94708], [318.90277, 240.19360], [2
                               [201.26117, 371.41043], [313.08905, 371.15118]], np.float32)
 # The crop_scale whose crops match our training data (FFHQ-aligned 512 crops): dlib's 68-point landmarks (FFHQ's
 # own) on the 40 FFHQ-aligned ground truths of ../shared/faces, fitted to the template, give scales of median 0.980
-# (mean 0.985 +- 0.008 s.e.m.); the fits are closest to the identity there (`python -m iconface_jax.align_bench`).
+# (mean 0.985 +- 0.008 s.e.m.); the fits are closest to the identity there (`python -m tools.align_bench`).
 CROP_SCALE = 0.98
 # The IConFace release's default: a wider crop (more of the head and background) than FFHQ's.
 RELEASE_CROP_SCALE = 1.35

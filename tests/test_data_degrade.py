@@ -12,7 +12,8 @@ import pytest
 import scipy.linalg
 
 from conftest import SHARED, require
-from iconface_jax.data import calibrate, degrade
+from iconface_jax.data import degrade
+from tools import calibrate_degradations as calibrate
 
 FACES = SHARED / "faces"
 

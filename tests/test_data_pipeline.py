@@ -363,7 +363,7 @@ def test_host_batches_assemble_on_the_mesh():
 
 
 def test_batching_cost_model_prefers_grouping():
-    from iconface_jax.data import batching_cost
+    from tools import batching_cost
 
     # docs/performance.md#h100-starting-figures: B=4, R=0 at 12.6 samples/s is MFU 0.62 on a 790 TFLOP/s H100,
     # i.e. ~38.9 TFLOP/sample.

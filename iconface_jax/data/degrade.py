@@ -8,7 +8,7 @@ in (a `numpy.random.Generator`), so a degradation is reproducible from its seed.
 
 Spatial parameters (blur sigmas, kernel sizes, sinc cut-offs) are specified for `reference_size`
 (512) pixel images and scale with the image, so the same preset removes the same facial detail at
-64 px (the CPU demo) and at 512 px. The presets were calibrated with `calibrate.py` on the 40 real
+64 px (the CPU demo) and at 512 px. The presets were calibrated with `tools/calibrate_degradations.py` on the 40 real
 `gt.jpg` of `../shared/faces`: their median PSNR matches the FFHQ-Ref Moderate (25.2 dB) and Severe
 (19.6 dB) benchmark inputs (docs/decisions.md#degradation-mix has the figures).
 
@@ -110,7 +110,7 @@ def _moderate() -> Preset:
         bsrgan=dataclasses.replace(base.bsrgan, **light))
 
 
-# Calibrated with `python -m iconface_jax.data.calibrate` (median PSNR on ../shared/faces gt.jpg):
+# Calibrated with `python -m tools.calibrate_degradations` (median PSNR on ../shared/faces gt.jpg):
 # `moderate` lands on FFHQ-Ref Moderate (25.2 dB), `severe` (8-20x, the chains' default noise and
 # JPEG) on FFHQ-Ref Severe (19.6 dB).
 PRESETS: dict[str, Preset] = {

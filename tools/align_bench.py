@@ -1,4 +1,4 @@
-"""`python -m iconface_jax.align_bench`: the measurements behind `alignment.CROP_SCALE`, and the whole-photo front end's
+"""`python -m tools.align_bench`: the measurements behind `alignment.CROP_SCALE`, and the whole-photo front end's
 time per photo (dlib detection, alignment, paste-back). Needs the landmarks extra.
 
 `scale [CROPS...]`: dlib's points on FFHQ-aligned 512 crops (default: the ground truths of ../shared/faces) fitted

@@ -1,6 +1,6 @@
 """Group-by-reference-count versus pad-and-mask batching, on the cost model of docs/design.md#flops.
 
-    python -m iconface_jax.data.batching_cost
+    python -m tools.batching_cost
 
 A sample with R references has L = 512 text + 1024 * (2 + R) tokens. Forward FLOPs of the
 klein-4B transformer: linear 2 L x 122.6M x 25 blocks, attention 4 L^2 x 3072 x 25; a LoRA

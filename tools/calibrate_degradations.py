@@ -1,6 +1,6 @@
 """Calibrate the degradation presets on the real benchmark faces (`../shared/faces`).
 
-    python -m iconface_jax.data.calibrate [--faces ../shared/faces] [--seeds 0 1 2 3]
+    python -m tools.calibrate_degradations [--faces ../shared/faces] [--seeds 0 1 2 3]
 
 Degrades every `gt.jpg` once per seed with each preset and prints the median PSNR against the
 FFHQ-Ref Moderate (25.2 dB) and Severe (19.6 dB) targets, beside the medians of the benchmarks' own
@@ -19,7 +19,7 @@ from iconface_jax.data import degrade
 
 TARGETS = {"moderate": 25.2, "severe": 19.6}  # FFHQ-Ref input medians (docs/decisions.md#degradation-mix)
 TOLERANCE_DB = 1.5
-DEFAULT_FACES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "faces")
+DEFAULT_FACES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "faces")
 
 
 def load_ground_truths(faces_dir: str) -> list[np.ndarray]:
