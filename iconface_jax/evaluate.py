@@ -6,12 +6,13 @@
     python -m iconface_jax.evaluate --checkpoint runs/demo --synthetic 48 [--refs 1]   # the CPU demo's check
 
 The CSV has FFHQ-Ref's columns: `gt_image`, optional `lq_image`, `ref_image` (a Python list literal of
-file names, the protocol order), and optionally `dataset` (the summary groups rows by it). Targets and
-references are resolved in `--image-dir` (`--ref-dir`), given degraded images in `--lq-dir` (default:
-`--image-dir`). A row with no `lq_image` is degraded from its target with the run's configured
-degradation (`--degradation` picks one preset), seeded by row; a row with no `gt_image` (real-world
-sets) gets the no-reference metrics only. The first `--refs` references are given to the model; Ref
-metrics always use the row's first reference (the paper's Ref_1).
+file names, the protocol order), and optionally `dataset` (the summary groups rows by it); any other
+column is refused, naming the ones that look like typos (a misspelt `lq_image` would otherwise be ignored
+and its rows degraded here). Targets and references are resolved in `--image-dir` (`--ref-dir`), given
+degraded images in `--lq-dir` (default: `--image-dir`). A row with no `lq_image` is degraded from its
+target with the run's configured degradation (`--degradation` picks one preset), seeded by row; a row
+with no `gt_image` (real-world sets) gets the no-reference metrics only. The first `--refs` references
+are given to the model; Ref metrics always use the row's first reference (the paper's Ref_1).
 
 Metrics, all at the model's resolution (`config.data.resolution`), on the restored image and, as a
 baseline, on the degraded input: Ref-AdaFace and GT-AdaFace (cosine of AdaFace embeddings to the first
@@ -23,6 +24,7 @@ per-channel `ssimc`), and MUSIQ, CLIP-IQA, MANIQA through pyiqa when it is insta
 are present (else left empty, with a message). Both recognisers read the identity crop of ReF-LDM's
 identity metric (rows and columns 6.25%-93.75%, area-resized to 112).
 
+Before the model loads, OUT is checked (a writable folder, no output that would replace an input).
 Writes into OUT: `per_image.csv` (one row per image, appended as it goes: a rerun resumes where it
 stopped and refuses other settings; an unreadable image stops the run naming the file), `restored/`
 (and `degraded/` for synthesised inputs), `summary.md` and `summary.csv` (means per dataset in the
@@ -35,6 +37,7 @@ import argparse
 import ast
 import csv
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -51,13 +54,14 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from iconface_jax import metrics, restore, storage
+from iconface_jax import images, metrics, sampling, storage, workdir
 from iconface_jax.data import degrade, pipeline, sources, synthetic
 from iconface_jax.models import adaface, arcface
 from iconface_jax.system import FaceSystem
 
 SETTINGS_FILE = "settings.json"
 PER_IMAGE_FILE = "per_image.csv"
+CSV_COLUMNS = ("gt_image", "lq_image", "ref_image", "dataset")  # any other is refused: a typo would drop a column
 METRICS = ("ref_arcface", "ref_adaface", "gt_arcface", "gt_adaface", "psnr", "ssim", "musiq", "clipiqa", "maniqa")
 COLUMNS = (["index", "dataset", "gt_image", "lq_image", "ref1_image", "refs_used", "degradation", "restored",
             "seconds"]
@@ -89,6 +93,11 @@ def read_rows(csv_path: str, image_dir: str, lq_dir: str, ref_dir: str, dataset:
     An optional `dataset` column groups the rows in the summary (else every row belongs to `dataset`).
     """
     reader = storage.read_csv(csv_path)  # local or gs://
+    unknown = [c for c in reader.fieldnames or () if c not in CSV_COLUMNS]
+    if unknown:
+        named = [f"{c!r}" + "".join(f" (a typo of {m!r}?)" for m in difflib.get_close_matches(c, CSV_COLUMNS, 1))
+                 for c in unknown]
+        raise ValueError(f"{csv_path}: unknown column(s) {', '.join(named)}; the columns are {', '.join(CSV_COLUMNS)}")
     if not {"gt_image", "lq_image"} & set(reader.fieldnames or ()):
         raise ValueError(f"{csv_path}: needs a gt_image or lq_image column (has {reader.fieldnames})")
     rows = []
@@ -119,14 +128,9 @@ def read_rows(csv_path: str, image_dir: str, lq_dir: str, ref_dir: str, dataset:
     return rows
 
 
-def to_model(image: np.ndarray) -> np.ndarray:
-    """uint8 -> the model's [-1, 1] float input."""
-    return image.astype(np.float32) / 127.5 - 1.0
-
-
-def read_uint8(path: str, size: int) -> np.ndarray:
-    """An image file as a size x size uint8 RGB array (centre-cropped and resized as the model reads it)."""
-    return restore.from_model(restore.read_face(path, size)[0], (size, size))
+def output_name(row: Row) -> str:
+    """The file name of a row's restored (and synthesised degraded) image: unique by the row's index."""
+    return f"{row.index:05d}_{os.path.splitext(os.path.basename(row.gt or row.lq))[0]}.png"
 
 
 def degradation_for(cfg: ml_collections.ConfigDict,
@@ -155,10 +159,10 @@ def identity_embedders(system: FaceSystem, adaface_dir: str,
         model, run = adaface.load(adaface_dir), nnx.jit(lambda m, x: adaface.embed_faces(m, x)[0])
     else:
         model, run = system, nnx.jit(lambda s, x: s.embed(x))
-    embedders = {"adaface": lambda images: np.asarray(run(model, jnp.asarray(images)))}
+    embedders = {"adaface": lambda x: np.asarray(run(model, jnp.asarray(x)))}
     if arcface_dir:
         arc_model, run_arc = arcface.load(arcface_dir), nnx.jit(arcface.embed_faces)
-        embedders["arcface"] = lambda images: np.asarray(run_arc(arc_model, jnp.asarray(images)))
+        embedders["arcface"] = lambda x: np.asarray(run_arc(arc_model, jnp.asarray(x)))
     return embedders
 
 
@@ -250,7 +254,7 @@ def contact_sheet(rows: list[dict[str, str]], out_dir: str, size: int, count: in
         for j, path in enumerate(paths):
             if not path:
                 continue
-            image = read_uint8(path, size)
+            image = images.read_uint8(path, size)
             interp = cv2.INTER_AREA if size > tile else cv2.INTER_NEAREST
             sheet[header + i * tile:header + (i + 1) * tile, j * tile:(j + 1) * tile] = cv2.resize(
                 image, (tile, tile), interpolation=interp)
@@ -275,25 +279,25 @@ class Evaluator:
     def __call__(self, row: Row) -> dict[str, str]:
         """Restores one row, saves the result, and returns its per-image CSV record (formatted strings)."""
         start, size = time.perf_counter(), self.size
-        gt = read_uint8(row.gt, size) if row.gt else None
-        name = f"{row.index:05d}_{os.path.splitext(os.path.basename(row.gt or row.lq))[0]}.png"
+        gt = images.read_uint8(row.gt, size) if row.gt else None
+        name = output_name(row)
         if row.lq:
-            lq, how, lq_path = read_uint8(row.lq, size), "given", row.lq
+            lq, how, lq_path = images.read_uint8(row.lq, size), "given", row.lq
         else:
             lq, how = self.synthesise(gt, row.index)
             lq_path = os.path.join(self.out_dir, "degraded", name)
             Image.fromarray(lq).save(lq_path)
         used = row.refs[: self.refs]
-        refs = (np.stack([to_model(read_uint8(p, size)) for p in used])[None] if used
+        refs = (np.stack([images.to_model(images.read_uint8(p, size)) for p in used])[None] if used
                 else np.zeros((1, 0, size, size, 3), np.float32))
-        restored = restore.from_model(self.restore(self.system, to_model(lq)[None], refs, self.key)[0], (size, size))
+        restored = images.from_model(self.restore(self.system, images.to_model(lq)[None], refs, self.key)[0], (size, size))
         Image.fromarray(restored).save(os.path.join(self.out_dir, "restored", name))
 
-        ref1 = read_uint8(row.refs[0], size) if row.refs else None
+        ref1 = images.read_uint8(row.refs[0], size) if row.refs else None
         # One embedding call of fixed shape per recogniser (absent images as blanks, their features dropped).
-        images = {"restored": restored, "lq": lq, "gt": gt, "ref1": ref1}
-        batch = np.stack([to_model(x if x is not None else np.zeros_like(lq)) for x in images.values()])
-        feats = {name: {k: (e if images[k] is not None else None) for k, e in zip(images, embed(batch))}
+        shown = {"restored": restored, "lq": lq, "gt": gt, "ref1": ref1}
+        batch = np.stack([images.to_model(x if x is not None else np.zeros_like(lq)) for x in shown.values()])
+        feats = {name: {k: (e if shown[k] is not None else None) for k, e in zip(shown, embed(batch))}
                  for name, embed in self.embedders.items()}
         values = score(restored, gt, feats, self.iqa, "restored", self.ssim_channels)
         values.update({f"lq_{k}": v for k, v in score(lq, gt, feats, self.iqa, "lq", self.ssim_channels).items()})
@@ -310,11 +314,19 @@ def evaluate(args: argparse.Namespace) -> int:
     rows = read_rows(args.csv, args.image_dir, args.lq_dir or args.image_dir, args.ref_dir or args.image_dir, dataset)
     if args.limit:
         rows = rows[: args.limit]
-    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step,
-                                     lora_init=args.lora_init)
-    size = cfg.data.resolution
     out_dir = args.output_dir or os.path.join(
         args.checkpoint, "eval", f"{os.path.splitext(os.path.basename(args.csv))[0]}_refs{args.refs}")
+    # What will be written, before the model loads.
+    images.check_output_dir(out_dir)
+    written = [os.path.join(out_dir, f) for f in (SETTINGS_FILE, PER_IMAGE_FILE, "summary.md", "summary.csv",
+                                                  "contact_sheet.png")]
+    images.check_distinct([*[(path, args.csv) for path in written],
+                           *[(os.path.join(out_dir, sub, output_name(r)), r.gt or r.lq) for r in rows
+                             for sub in ("restored", "degraded")]],
+                          [args.csv, *[p for r in rows for p in (r.gt, r.lq, *r.refs) if p]])
+    system, cfg, step = workdir.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step,
+                                     lora_init=args.lora_init)
+    size = cfg.data.resolution
     for sub in ("restored", "degraded"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     check_settings(out_dir, {"checkpoint": os.fspath(storage.path(args.checkpoint)), "step": step,
@@ -335,7 +347,7 @@ def evaluate(args: argparse.Namespace) -> int:
         print("note: the run's face encoder is randomly initialised: AdaFace scores are not meaningful "
               "(pass --adaface with a converted AdaFace IR-50)", file=sys.stderr)
     evaluator = Evaluator(system, size, args.refs, out_dir,
-                          nnx.jit(partial(restore.restore, steps=args.steps, guidance=args.guidance)),
+                          nnx.jit(partial(sampling.restore_faces, steps=args.steps, guidance=args.guidance)),
                           identity_embedders(system, args.adaface, args.arcface), iqa,
                           degradation_for(cfg, args.degradation), jax.random.PRNGKey(args.seed), args.ssim_channels)
 
@@ -402,8 +414,9 @@ def trait_mse(image: np.ndarray, gt: np.ndarray, traits: np.ndarray) -> float:
 def evaluate_synthetic(args: argparse.Namespace) -> int:
     """Restores held-out synthetic identities without and with references and scores them against the
     degraded input: PSNR, SSIM and the trait error (what references should fix). The posterior-mean rows
-    (`restore.posterior_mean`) are the model's regression, which sampling scatters around."""
-    system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step,
+    (`sampling.posterior_mean`) are the model's regression, which sampling scatters around."""
+    images.check_output_dir(args.output_dir or os.path.join(args.checkpoint, "eval"))  # before the model loads
+    system, cfg, step = workdir.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step,
                                      lora_init=args.lora_init)
     if cfg.data.source != "synthetic":
         print(f"note: {args.checkpoint} was trained on {cfg.data.source!r} data; evaluating on synthetic faces",
@@ -414,10 +427,10 @@ def evaluate_synthetic(args: argparse.Namespace) -> int:
     cases = synthetic_cases(cfg, args.synthetic, refs, args.degradation)
     print(f"evaluating the step-{step} model of {args.checkpoint} on {args.synthetic} held-out synthetic "
           f"identities ({refs} reference(s)) -> {out_dir}", file=sys.stderr)
-    sample = nnx.jit(partial(restore.restore, steps=args.steps, guidance=args.guidance))
-    mean = nnx.jit(restore.posterior_mean)
+    sample = nnx.jit(partial(sampling.restore_faces, steps=args.steps, guidance=args.guidance))
+    mean = nnx.jit(sampling.posterior_mean)
     key, batch = jax.random.PRNGKey(args.seed), 16
-    deg, ref_images = to_model(cases["deg"]), to_model(cases["refs"])
+    deg, ref_images = images.to_model(cases["deg"]), images.to_model(cases["refs"])
     with_refs = f"{refs} reference{'s' if refs > 1 else ''}"
     outputs = {f"IConFace, {r}": [] for r in ("no references", with_refs)}
     outputs |= {f"Posterior mean, {r}": [] for r in ("no references", with_refs)}
@@ -426,13 +439,13 @@ def evaluate_synthetic(args: argparse.Namespace) -> int:
         for name, r in (("no references", ref_images[chunk][:, :0]), (with_refs, ref_images[chunk])):
             for method, run in (("IConFace", sample), ("Posterior mean", mean)):
                 restored = np.asarray(run(system, jnp.asarray(deg[chunk]), jnp.asarray(r), key))
-                outputs[f"{method}, {name}"].extend(restore.from_model(x, x.shape[:2]) for x in restored)
-    methods = {"Input (LQ)": cases["deg"], **{name: np.stack(images) for name, images in outputs.items()}}
+                outputs[f"{method}, {name}"].extend(images.from_model(x, x.shape[:2]) for x in restored)
+    methods = {"Input (LQ)": cases["deg"], **{name: np.stack(outs) for name, outs in outputs.items()}}
 
     per_image, records = [], []
-    for name, images in methods.items():
+    for name, restored in methods.items():
         scores = [{"psnr": metrics.psnr(x, gt), "ssim": metrics.ssim(x, gt, channels=args.ssim_channels), "trait_mse": trait_mse(x, gt, m)}
-                  for x, gt, m in zip(images, cases["gt"], cases["traits"])]
+                  for x, gt, m in zip(restored, cases["gt"], cases["traits"])]
         per_image += [{"method": name, "index": i, **{k: f"{v:.6f}" for k, v in sc.items()}}
                       for i, sc in enumerate(scores)]
         records.append({"method": name, "images": len(scores),

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from iconface_jax import evaluate, metrics, weights
+from iconface_jax import evaluate, images, metrics, sampling, weights, workdir
 from iconface_jax.data import synthetic
 from iconface_jax.models import adaface, arcface
 
@@ -154,7 +154,7 @@ def test_synthetic_evaluation_end_to_end(toy_run, tmp_path, capsys):
     assert (out / "contact_sheet.png").is_file() and "Trait MSE" in (out / "summary.md").read_text()
     assert "degraded by the moderate preset" in (out / "summary.md").read_text()
     # The held-out identities come after the run's training identities, and the inputs are degraded.
-    cfg = evaluate.restore.load(str(toy_run))[1]
+    cfg = workdir.load(str(toy_run))[1]
     cases = evaluate.synthetic_cases(cfg, 3, 1)
     assert cases["gt"].shape == (3, 32, 32, 3) and cases["refs"].shape == (3, 1, 32, 32, 3)
     first = cfg.data.synthetic.num_identities
@@ -175,14 +175,14 @@ def test_synthetic_evaluation_end_to_end(toy_run, tmp_path, capsys):
 
 def test_posterior_mean_is_one_unguided_euler_step(toy_run):
     """From sigma 1 the sampler's single step with guidance 1 lands on z - v, the one-step clean estimate."""
-    system, cfg, _ = evaluate.restore.load(str(toy_run))
+    system, cfg, _ = workdir.load(str(toy_run))
     cases = evaluate.synthetic_cases(cfg, 2, 1)
-    deg, refs = jnp.asarray(evaluate.to_model(cases["deg"])), jnp.asarray(evaluate.to_model(cases["refs"]))
+    deg, refs = jnp.asarray(images.to_model(cases["deg"])), jnp.asarray(images.to_model(cases["refs"]))
     key = jax.random.PRNGKey(3)
-    mean = evaluate.restore.posterior_mean(system, deg, refs, key)
-    one_step = evaluate.restore.restore(system, deg, refs, key, steps=1, guidance=1.0)
+    mean = sampling.posterior_mean(system, deg, refs, key)
+    one_step = sampling.restore_faces(system, deg, refs, key, steps=1, guidance=1.0)
     np.testing.assert_allclose(np.asarray(mean), np.asarray(one_step), atol=1e-5)
-    assert float(jnp.abs(mean - evaluate.restore.posterior_mean(system, deg, refs[:, :0], key)).max()) > 0
+    assert float(jnp.abs(mean - sampling.posterior_mean(system, deg, refs[:, :0], key)).max()) > 0
 
 
 def test_ref_columns_use_the_first_reference(tmp_path):
@@ -226,3 +226,35 @@ def test_cli_defaults_are_the_documented_ones(monkeypatch, tmp_path):
         assert (args["degradation"], args["adaface"], args["arcface"], args["lora_init"]) == ("",) * 4, name
     assert seen["evaluate"]["refs"] == 3 and seen["evaluate"]["limit"] == 0 and not seen["evaluate"]["no_iqa"]
     assert seen["evaluate_synthetic"]["refs"] is None  # its own default, 1: test_synthetic_evaluation_end_to_end
+
+
+def test_unknown_csv_columns_are_refused_naming_typos(tmp_path, capsys, monkeypatch):
+    """A misspelt lq_image would leave the given degraded images unread: the run stops, before the model loads."""
+    monkeypatch.setattr(workdir, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "gt.png")
+    path = tmp_path / "rows.csv"
+    path.write_text("gt_image,lq_imag,ref_image,notes\ngt.png,gt.png,[],x\n")
+    args = ["--checkpoint", str(tmp_path), "--csv", str(path), "--image-dir", str(tmp_path),
+            "--output-dir", str(tmp_path / "out")]
+    assert evaluate.main(args) == 1
+    assert (f"{path}: unknown column(s) 'lq_imag' (a typo of 'lq_image'?), 'notes'; the columns are gt_image, "
+            "lq_image, ref_image, dataset") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_outputs_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(workdir, "load", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "gt.png")
+    (tmp_path / "out").mkdir()
+    rows = tmp_path / "out" / "summary.csv"  # the CSV where the summary would go
+    rows.write_text("gt_image,ref_image\ngt.png,[]\n")
+    (tmp_path / "file").write_text("")
+    base = ["--checkpoint", str(tmp_path), "--csv", str(rows), "--image-dir", str(tmp_path)]
+    assert evaluate.main([*base, "--output-dir", str(tmp_path / "file")]) == 1
+    assert f"--output-dir {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+    assert evaluate.main([*base, "--output-dir", str(tmp_path / "out")]) == 1
+    assert f"{rows} is the input {rows}: writing it would replace the input" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--synthetic", "2",
+                          "--output-dir", str(tmp_path / "file")]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv"]

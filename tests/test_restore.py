@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from iconface_jax import restore
+from iconface_jax import workdir as workdirs
 
 
 @pytest.fixture
@@ -48,7 +50,7 @@ def test_three_references_strip_and_model_size(workdir, tmp_path):
     assert np.asarray(Image.open(tmp_path / "o_strip.png")).shape == (32, 32 * 5, 3)  # deg | 3 refs | out
 
 
-def test_folder_and_csv_forms(workdir, tmp_path):
+def test_folder_and_csv_forms(workdir, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     (tmp_path / "refs" / "a").mkdir(parents=True)
     face(tmp_path / "in" / "a.png", 32, 2)
@@ -63,8 +65,9 @@ def test_folder_and_csv_forms(workdir, tmp_path):
         w.writerow(["x.png", "in/a.png", "['refs/a/r1.png']"])
         w.writerow(["y.png", "in/missing.png", "[]"])
     assert restore.main(["--checkpoint", str(workdir), "--csv", str(tmp_path / "rows.csv"), "--image-dir",
-                         str(tmp_path), "--output-dir", str(tmp_path / "csv_out"), "--steps", "2"]) == 0
+                         str(tmp_path), "--output-dir", str(tmp_path / "csv_out"), "--steps", "2"]) == 1
     assert [p.name for p in (tmp_path / "csv_out").iterdir()] == ["a.png"]
+    assert "in/missing.png: not a readable image" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
 
 
 def test_bad_inputs_name_the_file(workdir, tmp_path, capsys):
@@ -72,10 +75,11 @@ def test_bad_inputs_name_the_file(workdir, tmp_path, capsys):
     junk.write_bytes(b"not an image")
     assert restore.main(["--checkpoint", str(workdir), "--input", str(junk), "--output", str(tmp_path / "o.png")]) == 1
     assert "junk.png" in capsys.readouterr().err
-    assert restore.main(["--checkpoint", str(tmp_path / "nowhere"), "--input", str(junk),
+    deg = face(tmp_path / "deg.png", 32, 0)
+    assert restore.main(["--checkpoint", str(tmp_path / "nowhere"), "--input", deg,
                          "--output", str(tmp_path / "o.png")]) == 1
     assert "config.json is missing" in capsys.readouterr().err
-    assert restore.main(["--checkpoint", str(workdir), "--input", str(junk), "--output", str(tmp_path / "o.png"),
+    assert restore.main(["--checkpoint", str(workdir), "--input", deg, "--output", str(tmp_path / "o.png"),
                          "--step", "5"]) == 1
     err = capsys.readouterr().err
     assert "no checkpoint of step 5" in err and "kept: [6]" in err
@@ -93,7 +97,7 @@ def test_missing_and_corrupt_references_name_the_file(workdir, tmp_path, capsys)
         assert restore.main(["--checkpoint", str(workdir), "--input", deg, "--ref", ref, "--steps", "1",
                              "--output", str(tmp_path / "o.png")]) == 1
         err = capsys.readouterr().err
-        assert f"skipped: {ref}: not a readable image" in err and "1 image(s) skipped" in err
+        assert f"skipped: {ref}: not a readable image" in err and "1 of 1 image failed" in err
     assert not (tmp_path / "o.png").exists()
 
 
@@ -118,8 +122,108 @@ def test_workdir_from_before_new_fields_loads_as_it_trained(workdir, tmp_path):
     stored = json.loads((old / "config.json").read_text())
     assert stored["model"]["iconface"].pop("memory_readers") == "image"
     assert stored["data"]["synthetic"].pop("aligned") is True
+    assert stored.pop("config_version") == 1  # (written since the fields' defaults moved to config.upgrade)
     (old / "config.json").write_text(json.dumps(stored))
-    system, cfg, _ = restore.load(str(old))
+    system, cfg, _ = workdirs.load(str(old))
     assert system.model.config.memory_readers == "scene" and cfg.data.synthetic.aligned is False
-    system, cfg, _ = restore.load(str(workdir))
+    system, cfg, _ = workdirs.load(str(workdir))
     assert system.model.config.memory_readers == "image" and cfg.data.synthetic.aligned is True
+
+
+# --- checks before the work: what is written, colliding names, non-square inputs, failures, reruns ---
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """`workdir.load` made to fail the test: the check under test must come before the model loads."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the check")
+    monkeypatch.setattr(workdirs, "load", load)
+
+
+def test_outputs_are_checked_before_the_model_loads(no_load, tmp_path, capsys):
+    deg, ref = face(tmp_path / "deg.png", 32, 0), face(tmp_path / "ref.png", 32, 1)
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file.txt").write_text("")
+    (tmp_path / "in").mkdir()
+    face(tmp_path / "in" / "a.png", 32, 2)
+    single = {str(tmp_path / "out"): "no extension is not an image format PIL writes",
+              str(tmp_path / "out.xyz"): "'.xyz' is not an image format PIL writes",
+              str(tmp_path / "folder.png"): "folder.png: is a folder",
+              str(tmp_path / "file.txt" / "out.png"): f"{tmp_path / 'file.txt'} is not a folder",
+              deg: f"{deg} is the input {deg}",
+              ref: f"{ref} is the input {ref}"}
+    for output, needle in single.items():
+        assert restore.main(["--checkpoint", "unused", "--input", deg, "--ref", ref, "--output", output]) == 1
+        assert needle in capsys.readouterr().err, output
+    folder = {str(tmp_path / "file.txt"): "file.txt is a file, not a folder",
+              str(tmp_path / "in"): f"is the input {tmp_path / 'in'}"}
+    for output_dir, needle in folder.items():
+        assert restore.main(["--checkpoint", "unused", "--input-dir", str(tmp_path / "in"),
+                             "--output-dir", output_dir]) == 1
+        assert needle in capsys.readouterr().err, output_dir
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o500)
+    if not os.access(read_only, os.W_OK):  # root may write anywhere
+        assert restore.main(["--checkpoint", "unused", "--input", deg, "--output", str(read_only / "o.png")]) == 1
+        assert f"{read_only} is not writable" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deg.png", "file.txt", "folder.png", "in", "read_only",
+                                                          "ref.png"]
+
+
+def test_colliding_output_names_are_refused_naming_both(no_load, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    a_jpg, a_png = face(tmp_path / "in" / "a.jpg", 32, 0), face(tmp_path / "in" / "a.png", 32, 1)
+    assert restore.main(["--checkpoint", "unused", "--input-dir", str(tmp_path / "in"),
+                         "--output-dir", str(tmp_path / "out")]) == 1
+    assert f"{a_jpg} and {a_png} would both be written to {tmp_path / 'out' / 'a.png'}" in capsys.readouterr().err
+    (tmp_path / "x").mkdir()
+    face(tmp_path / "x" / "a.png", 32, 2)
+    with open(tmp_path / "rows.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["lq_image", "ref_image"], ["in/a.png", "[]"], ["x/a.png", "[]"]])
+    assert restore.main(["--checkpoint", "unused", "--csv", str(tmp_path / "rows.csv"), "--image-dir", str(tmp_path),
+                         "--output-dir", str(tmp_path / "out")]) == 1
+    assert f"in/a.png and {tmp_path}/x/a.png would both be written" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_square_input_is_refused_not_stretched(no_load, tmp_path, capsys):
+    wide = tmp_path / "deg.png"
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(wide)
+    assert restore.main(["--checkpoint", "unused", "--input", str(wide), "--output", str(tmp_path / "o.png")]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped: {wide}: 48x40 is not a square aligned face crop; whole photos: --mode photo" in err
+    assert "1 of 1 image failed" in err and not (tmp_path / "o.png").exists()
+
+
+def test_any_failure_fails_the_run_with_the_count(workdir, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    face(tmp_path / "in" / "a.png", 32, 0)
+    Image.fromarray(np.zeros((32, 40, 3), np.uint8)).save(tmp_path / "in" / "b.png")
+    (tmp_path / "in" / "c.png").write_bytes(b"not an image")
+    assert restore.main(["--checkpoint", str(workdir), "--input-dir", str(tmp_path / "in"),
+                         "--output-dir", str(tmp_path / "out"), "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "b.png: 40x32 is not a square" in err and "c.png: not a readable image" in err
+    assert "2 of 3 images failed" in err and "restoring 1 image(s)" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+
+
+def test_rerun_says_what_it_kept_and_overwrite_redoes_it(workdir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "in").mkdir()
+    for i, name in enumerate("ab"):
+        face(tmp_path / "in" / f"{name}.png", 32, i)
+    args = ["--checkpoint", str(workdir), "--input-dir", str(tmp_path / "in"), "--output-dir", str(tmp_path / "out"),
+            "--steps", "1"]
+    assert restore.main(args) == 0
+    restored = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    Image.fromarray(np.zeros_like(restored)).save(tmp_path / "out" / "a.png")  # an earlier run's output
+    capsys.readouterr()
+    with monkeypatch.context() as m:  # nothing left to do: the model is not loaded
+        m.setattr(workdirs, "load", lambda *a, **k: pytest.fail("loaded with nothing to restore"))
+        assert restore.main(args) == 0
+    assert "kept 2 earlier output(s)" in capsys.readouterr().err
+    assert not np.asarray(Image.open(tmp_path / "out" / "a.png")).any()
+    assert restore.main(args + ["--overwrite"]) == 0
+    assert "kept" not in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "a.png")), restored)  # seeded
