@@ -28,7 +28,7 @@ from convert import flux2 as convert_flux2
 from convert import lora as convert_lora
 from convert import vae as convert_vae
 from convert.safetensors_file import write_safetensors
-from iconface_jax import restore, sequence, text, weights
+from iconface_jax import config, restore, sequence, text, weights
 from iconface_jax import system as face_system
 from iconface_jax.models import flux2, lora, vae
 
@@ -104,7 +104,7 @@ def release(ref, tmp_path_factory):
 
 def paper_config(release, variant: str = "concat"):
     """configs/iconface_klein4b.py:<variant> at the release's tiny sizes, starting from the converted LoRA."""
-    cfg = restore.config_from_file(f"{ROOT / 'configs' / 'iconface_klein4b.py'}:{variant}")
+    cfg = config.load(f"{ROOT / 'configs' / 'iconface_klein4b.py'}:{variant}")
     m = cfg.model
     m.weights, m.precision, m.lora_init = str(release.root / "transformer"), "float32", str(release.root / "lora")
     m.lora.rank, m.lora.alpha = RANK, ALPHA
