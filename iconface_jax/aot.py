@@ -29,9 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from iconface_jax import config, restore, sharding, system as face_system, train  # noqa: E402 - train defines --config
+from iconface_jax import config, sharding, system as face_system, train  # noqa: E402 - train defines --config
 from iconface_jax.flops import model_flops  # noqa: E402
 from iconface_jax.models.attention import CUDNN_DTYPES  # noqa: E402
 from iconface_jax.models.layers import Precision  # noqa: E402
@@ -167,13 +166,12 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
     kernel_attention = cfg.model.attention == "splash" or (cfg.model.attention == "cudnn" and dtype in CUDNN_DTYPES)
     rows = []
     for refs in references:
-        batch = dict(gt=image(t.batch_size), deg=image(t.batch_size), refs=image(t.batch_size, refs),
-                     num_refs=jax.ShapeDtypeStruct((t.batch_size,), jnp.int32))
+        batch = train.batch_spec(cfg, refs)
         attention = t.batch_size * 3.5 * model_flops(backbone, text_len, (2 + refs) * tokens)[1] / len(devices)
         rows.append(_measure(f"train R={refs}", refs, t.batch_size, step, (state, rest, batch), mesh, target,
                              attention if kernel_attention else 0.0))
     if restoration:
-        restore_fn = _jit_restore(graphdef, cfg, mesh, params, rest)
+        restore_fn = train.jit_restore(graphdef, cfg, mesh, params, rest)
         refs, steps = 3, cfg.log.sample_steps
         args = (params, rest, image(1), image(1, refs), jax.ShapeDtypeStruct((2,), jnp.uint32))
         attention = 2 * steps * model_flops(backbone, text_len, (2 + refs) * tokens)[1]  # both guidance branches
@@ -183,18 +181,6 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
                 mesh=dict(mesh.shape), attention=cfg.model.attention, remat=cfg.model.remat,
                 remat_decoder=cfg.model.autoencoder.remat_decoder, peak_tflops=target.chip.peak_tflops,
                 hbm_tb_s=target.chip.hbm_tb_s, source=target.chip.source)
-
-
-def _jit_restore(graphdef, cfg, mesh, params, rest):
-    """The sample grids' guided restoration on the trainer's mesh and weight shardings (one face, R = 3)."""
-    replicated = NamedSharding(mesh, P())
-    frozen = sharding.param_shardings(rest, mesh, cfg.mesh.shard_min_size)
-
-    def run(params, rest, degraded, references, key):
-        return restore.restore(nnx.merge(graphdef, params, rest), degraded, references, key,
-                               steps=cfg.log.sample_steps, guidance=cfg.log.guidance)
-    return jax.jit(run, in_shardings=(jax.tree.map(lambda _: replicated, params), frozen, replicated, replicated,
-                                      replicated), out_shardings=replicated)
 
 
 def _measure(name: str, refs: int, global_batch: int, fn, args, mesh, target: Target, kernel_flops: float) -> dict:
@@ -270,6 +256,10 @@ def main(argv) -> None:
         references = tuple(int(r) for r in _REFERENCES.value)
     except ValueError:
         sys.exit(f"--references={','.join(_REFERENCES.value)}: expected reference counts, e.g. 0,3")
+    # No persistent compilation cache for compile-only targets: JAX writes their executables but cannot read them
+    # back ("PjRtCompiler must be constructed with a Client to call DeserializeLoadedExecutable", jax 0.10.2, libtpu
+    # 0.0.42), so every entry would be written for nothing.
+    jax.config.update("jax_enable_compilation_cache", False)
     plan = compile_plan(flags.FLAGS.config, target, references, _RESTORATION.value)
     print_plan(plan, target)
     if _OUT.value:

@@ -38,11 +38,12 @@ def add_flag(parser: argparse.ArgumentParser) -> None:
                              f"'' or none: off; ${_ENV} overrides it")
 
 
-def enable(directory: str) -> str | None:
-    """Points JAX's persistent compilation cache at `directory` and caches every program whatever its compile
-    time or size (the demo's CPU programs compile in under JAX's 1 s default). An explicit $JAX_COMPILATION_CACHE_DIR
-    wins (JAX read it at import), as do thresholds set in its environment variables. Returns the directory in
-    use, or None when the cache is off ("" or "none"). Call it before the first compile."""
+def enable(directory: str, min_compile_s: float = 0.0) -> str | None:
+    """Points JAX's persistent compilation cache at `directory`, for every program that took `min_compile_s` or
+    more to compile, whatever its size (0: all, the trainer's choice: its small CPU programs and the eager ops of
+    its start are read back too). An explicit $JAX_COMPILATION_CACHE_DIR wins (JAX read it at import), as do
+    thresholds set in JAX's environment variables. Returns the directory in use, or None when the cache is off
+    ("" or "none"). Call it before the first compile."""
     directory = os.environ.get(_ENV) or directory
     off = directory.strip().lower() in OFF
     jax.config.update("jax_enable_compilation_cache", not off)  # off: no cache keys computed either
@@ -50,7 +51,7 @@ def enable(directory: str) -> str | None:
         return None
     jax.config.update("jax_compilation_cache_dir", directory)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
     if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no minimum, and no override of it
     return directory

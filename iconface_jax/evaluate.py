@@ -54,7 +54,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from iconface_jax import images, metrics, sampling, storage, workdir
+from iconface_jax import compilation, images, metrics, sampling, storage, workdir
 from iconface_jax.data import degrade, pipeline, sources, synthetic
 from iconface_jax.models import adaface, arcface
 from iconface_jax.system import FaceSystem
@@ -513,7 +513,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-iqa", action="store_true", help="skip MUSIQ, CLIP-IQA and MANIQA even if pyiqa is present")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights even where an EMA was kept")
     p.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the latest)")
+    compilation.add_flag(p)
     args = p.parse_args(argv)
+    # Only programs that take a second or more to compile (the restoration): eager ops are not worth a file each.
+    compilation.enable(args.compile_cache, min_compile_s=1.0)
     if args.csv and not args.image_dir:
         p.error("--csv needs --image-dir")
     if args.checkpoint.partition(":")[0].endswith(".py") and not args.output_dir:

@@ -27,7 +27,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from iconface_jax import images, sampling, storage, workdir
+from iconface_jax import compilation, images, sampling, storage, workdir
 
 Job = tuple[str, list[str], str]  # (degraded path, reference paths, output path)
 
@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep outputs at the model's resolution instead of resizing back to the input's")
     p.add_argument("--strip", action="store_true",
                    help="also write OUTPUT_strip.png: degraded | references | restored, at the model's resolution")
+    compilation.add_flag(p)
     args = p.parse_args(argv)
+    # Only programs that take a second or more to compile (the restoration): eager ops are not worth a file each.
+    compilation.enable(args.compile_cache, min_compile_s=1.0)
     if args.input and not args.output:
         p.error("--input needs --output")
     if not args.input and not args.output_dir:

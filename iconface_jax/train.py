@@ -1,7 +1,8 @@
 """`python -m iconface_jax.train --config configs/demo.py [--config.train.steps=100]`: train IConFace.
 
 Reads top to bottom: config -> mesh -> system (model, codec, face encoder, prompts) -> optimizer ->
-data -> restore from the workdir if a checkpoint exists -> loop (step, log, checkpoint, sample grids).
+data -> restore from the workdir if a checkpoint exists -> compile every program -> loop (step, log,
+checkpoint, sample grids).
 The same config runs on one CPU, one GPU, many GPUs or a TPU pod: every host runs the same command, and
 `hosts.init_distributed` joins the processes a Cloud TPU slice, SLURM or Open MPI started (or those that
 `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` describe).
@@ -27,9 +28,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from iconface_jax import checkpointing, config, flops, flow, hosts, losses, restore, sampling, sharding, storage
+from iconface_jax import checkpointing, compilation, config, flops, flow, hosts, losses, sampling, sharding
+from iconface_jax import storage
 from iconface_jax import system as face_system
-from iconface_jax.data import pipeline
+from iconface_jax.data import latents, pipeline
 from iconface_jax.models.layers import Precision
 
 SCHEDULE_STEPS = 12  # the paper's sampling steps, which set the dynamic shift that training matches
@@ -157,18 +159,43 @@ def jit_train_step(graphdef, tx: optax.GradientTransformation, t: ml_collections
                    out_shardings=(state_shardings, replicated))
 
 
-# The sample grids' restorations, each one program (one compile, kept for the run) rather than op by op.
-_restore = nnx.jit(restore.restore, static_argnames=("steps", "guidance"))
+def reference_counts(data_cfg: ml_collections.ConfigDict) -> range:
+    """Every reference count R a batch can have: 0 up to the largest that `ref_count_probs` draws (a sample gets
+    fewer references than drawn when its identity has fewer other images)."""
+    return range(max(r for r, p in enumerate(data_cfg.ref_count_probs) if p > 0) + 1)
 
 
-def sample_grid(system, preview, key, log_cfg, mesh) -> np.ndarray:
-    """Rows of degraded | first reference | restored without references | restored with them | ground truth.
-    Every process calls it (the weights may be sharded across processes) with the same `preview`."""
-    deg, refs, gt, key = sharding.replicate(
-        [preview[k][: log_cfg.sample_count] for k in ("deg", "refs", "gt")] + [key], mesh)
-    run = partial(_restore, steps=log_cfg.sample_steps, guidance=log_cfg.guidance)
-    without = run(system, deg, refs[:, :0], key)
-    with_refs = run(system, deg, refs, key)
+def batch_spec(cfg: ml_collections.ConfigDict, refs: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The abstract global batch with `refs` references, as `pipeline.make_iterator` yields it."""
+    b, size = cfg.train.batch_size, cfg.data.resolution
+    spec = dict(gt=(b, size, size, 3), deg=(b, size, size, 3), refs=(b, refs, size, size, 3))
+    if cfg.data.latents:
+        tokens = tuple(latents.LatentStore(cfg.data.latents).meta["token_shape"])
+        spec.update(gt_latents=(b, *tokens), ref_latents=(b, refs, *tokens))
+    return dict({k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in spec.items()},
+                num_refs=jax.ShapeDtypeStruct((b,), jnp.int32))
+
+
+def jit_restore(graphdef, cfg: ml_collections.ConfigDict, mesh, params, rest):
+    """The sample grids' guided restoration (params, rest, degraded, references, key) -> faces, one program on the
+    trainer's mesh and weight shardings. `params` and `rest` may be abstract: `iconface_jax.aot` lowers it too."""
+    replicated = NamedSharding(mesh, P())
+    frozen = sharding.param_shardings(rest, mesh, cfg.mesh.shard_min_size)
+
+    def run(params, rest, degraded, references, key):
+        return sampling.restore_faces(nnx.merge(graphdef, params, rest), degraded, references, key,
+                                      steps=cfg.log.sample_steps, guidance=cfg.log.guidance)
+    return jax.jit(run, in_shardings=(jax.tree.map(lambda _: replicated, params), frozen, replicated, replicated,
+                                      replicated), out_shardings=replicated)
+
+
+def sample_grid(restorations: dict, weights, rest, preview: dict[str, jax.Array]) -> np.ndarray:
+    """Rows of degraded | first reference | restored without references | restored with them | ground truth, by
+    the compiled `restorations["sample grid R=r"]`. Every process calls it (the weights may be sharded across
+    processes) with the same `preview` (`preview_batch`, replicated, and its key)."""
+    deg, refs, gt, key = (preview[k] for k in ("deg", "refs", "gt", "key"))
+    without = restorations["sample grid R=0"](weights, rest, deg, refs[:, :0], key)
+    with_refs = restorations[f"sample grid R={refs.shape[1]}"](weights, rest, deg, refs, key)
     cols = [deg, refs[:, 0], without, with_refs, gt]
     grid = jnp.concatenate([jnp.concatenate(list(c), axis=0) for c in cols], axis=1)
     return multihost_utils.process_allgather((grid + 1) * 127.5, tiled=True).clip(0, 255).astype(np.uint8)
@@ -209,6 +236,8 @@ def main(argv) -> None:
     is_chief = jax.process_index() == 0
     if is_chief:  # what `python -m iconface_jax.restore --checkpoint WORKDIR` rebuilds the model from
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
+    # Programs an earlier start of this run compiled are read from here, not compiled again.
+    print(f"compilation cache: {compilation.enable(cfg.compile_cache) or 'off'}", flush=True)
 
     # Converted weights are read straight into their fsdp shardings; random ones are placed after the split.
     system = face_system.build(cfg, partial(sharding.param_sharding, mesh=mesh, min_size=cfg.mesh.shard_min_size))
@@ -232,7 +261,18 @@ def main(argv) -> None:
         print(f"resumed from step {start_step} in {cfg.workdir}", flush=True)
 
     step_fn = jit_train_step(graphdef, tx, t, mesh, state, rest, cfg.mesh.shard_min_size)
+    restore_fn = jit_restore(graphdef, cfg, mesh, params, rest)
     preview = preview_batch(cfg)  # on every process: all of them compute the sample grids
+    preview = sharding.replicate(dict({k: preview[k][:log.sample_count] for k in ("deg", "refs", "gt")},
+                                      key=jax.random.PRNGKey(cfg.seed)), mesh)
+    # Every program the run can need, compiled now (in parallel) rather than when a batch first needs it: no host
+    # of a pod stalls mid-run on a compile, and a restart reads them all from the compilation cache.
+    weights = state.get("ema", state["params"])
+    programs = compilation.compile_all(
+        {f"train step R={r}": partial(step_fn.lower, state, rest, batch_spec(cfg, r))
+         for r in reference_counts(cfg.data)}
+        | {f"sample grid R={r}": partial(restore_fn.lower, weights, rest, preview["deg"], preview["refs"][:, :r],
+                                         preview["key"]) for r in (0, preview["refs"].shape[1])})
     writer = metrics_file = None
     if is_chief:
         from tensorboardX import SummaryWriter
@@ -261,7 +301,7 @@ def main(argv) -> None:
         running = None
         if step < t.steps and not stop["signal"]:
             batch, data_state = next(batches)
-            state, metrics = step_fn(state, rest, batch)
+            state, metrics = programs[f"train step R={batch['refs'].shape[1]}"](state, rest, batch)
             step += 1
             running = (step, metrics, batch["refs"].shape[1])
         if done is not None:
@@ -305,8 +345,7 @@ def main(argv) -> None:
             if save:
                 checkpoints.save(step, state, data_state, force=True)
             if sample:
-                current = nnx.merge(graphdef, state.get("ema", state["params"]), rest)
-                grid = sample_grid(current, preview, jax.random.PRNGKey(cfg.seed), log, mesh)
+                grid = sample_grid(programs, state.get("ema", state["params"]), rest, preview)
                 if is_chief:
                     writer.add_image("samples", grid, step, dataformats="HWC")
                     _write_png(workdir / f"samples_{step:06d}.png", grid)

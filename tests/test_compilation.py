@@ -52,3 +52,16 @@ def test_environment_directory_wins_and_none_is_off(tmp_path):
     off = start("none", tmp_path)
     assert "requests 0" in off, off
     assert not (tmp_path / "xdg").exists() and not (tmp_path / "none").exists()
+
+
+def test_second_start_of_the_demo_reads_every_program_from_the_cache(toy_run, tmp_path):
+    """The session's toy run (conftest's shared cache) compiled the trainer's programs; a second start of the same
+    config in another workdir reads each one, as JAX itself logs, and says so on its progress lines."""
+    out = run_train(tmp_path / "again", "--config.train.steps=6", "--config.log.checkpoint_every=100",
+                    "--config.train.stop_at=1", env={"JAX_LOG_COMPILES": "1"})
+    hits = out.stderr.count("Persistent compilation cache hit for 'jit_train_step'")
+    assert hits == 2 and out.stderr.count("Persistent compilation cache hit for 'jit_run'") == 2, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("compiled ")]
+    assert sorted(line.split(" in ")[0] for line in lines) == [
+        "compiled sample grid R=0", "compiled sample grid R=1", "compiled train step R=0", "compiled train step R=1"]
+    assert all(line.endswith("(from the compilation cache)") for line in lines), lines
