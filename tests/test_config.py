@@ -9,7 +9,7 @@ import sys
 import ml_collections
 import pytest
 
-from conftest import ROOT, demo_config, env_with
+from conftest import ROOT, demo_config, env_with, toy_flags
 from iconface_jax import config
 
 VARIANTS = ("concat", "struct", "id", "one_route", "full")
@@ -227,6 +227,15 @@ def test_upgrade_keeps_a_config_of_this_release():
     for spec in ("demo.py", "demo.py:concat", "iconface_klein4b.py:id"):
         cfg = config.load(f"{ROOT / 'configs' / spec}")
         assert typed(config.flat(config.upgrade(stored(cfg)))) == typed(config.flat(cfg))
+
+
+def test_upgrade_reads_the_config_json_the_trainer_writes(toy_run):
+    """The workdir of a toy run of this release: its config.json upgraded is the config it was started with."""
+    written = json.loads((toy_run / "config.json").read_text())
+    started = config.load(str(ROOT / "configs" / "demo.py"), [f"--config.workdir={toy_run}", *toy_flags(
+        "--config.train.steps=6", "--config.log.checkpoint_every=100")])  # conftest.toy_run's command line
+    assert written["config_version"] == config.CONFIG_VERSION
+    assert typed(config.flat(config.upgrade(written))) == typed(config.flat(started))
 
 
 def test_upgrade_fills_an_old_workdir_config_as_it_trained():
