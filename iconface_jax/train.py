@@ -28,7 +28,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from iconface_jax import checkpointing, compilation, config, flops, flow, hosts, losses, sampling, sharding
+from iconface_jax import checkpointing, compilation, config, flops, flow, hosts, lock, losses, sampling, sharding
 from iconface_jax import storage
 from iconface_jax import system as face_system
 from iconface_jax.data import latents, pipeline
@@ -234,8 +234,8 @@ def main(argv) -> None:
     workdir = storage.path(cfg.workdir)  # local or gs://: every host of a pod writes its checkpoints there
     workdir.mkdir(parents=True, exist_ok=True)
     is_chief = jax.process_index() == 0
-    if is_chief:  # what `python -m iconface_jax.restore --checkpoint WORKDIR` rebuilds the model from
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
+    checkpoints = checkpointing.Checkpoints(cfg.workdir, keep=log.keep)
+    claim_workdir(cfg, checkpoints)
     # Programs an earlier start of this run compiled are read from here, not compiled again.
     print(f"compilation cache: {compilation.enable(cfg.compile_cache) or 'off'}", flush=True)
 
@@ -252,13 +252,18 @@ def main(argv) -> None:
                          for x in jax.tree.leaves(rest)) / 2**20
 
     data = pipeline.make_iterator(cfg.data, global_batch_size=t.batch_size, seed=cfg.seed)
-    checkpoints = checkpointing.Checkpoints(cfg.workdir, keep=log.keep)
     start_step = 0
     if checkpoints.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        start_step, state, data_state = checkpoints.restore(abstract)
+        try:
+            start_step, state, data_state = checkpoints.restore(abstract)
+        except checkpointing.CheckpointError as e:
+            sys.exit(str(e))
         data.set_state(data_state)
         print(f"resumed from step {start_step} in {cfg.workdir}", flush=True)
+    if is_chief:  # what `python -m iconface_jax.restore --checkpoint WORKDIR` rebuilds the model from; written only
+        # now that the checkpoint it describes has read, so that a failed start leaves the workdir's record as it was
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
 
     step_fn = jit_train_step(graphdef, tx, t, mesh, state, rest, cfg.mesh.shard_min_size)
     restore_fn = jit_restore(graphdef, cfg, mesh, params, rest)
@@ -286,7 +291,12 @@ def main(argv) -> None:
     if not jax.distributed.is_initialized():
         # Several processes must stop at one step (the checkpoint save is collective): there JAX's preemption
         # sync manager keeps SIGTERM and `checkpoints.reached_preemption` names the step all processes agreed on.
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+        def stop_on(signum, frame):
+            if stop["signal"] == signum == signal.SIGINT:  # a second Ctrl-C: now, without a checkpoint
+                raise KeyboardInterrupt
+            stop.update(signal=signum)
+        signal.signal(signal.SIGTERM, stop_on)
+        signal.signal(signal.SIGINT, stop_on)
     peak = flops.measure_peak(Precision.named(cfg.model.precision).dtype, 512)
     bb = system.model.backbone.config
     tokens_per_image = _tokens_per_image(system, (cfg.data.resolution, cfg.data.resolution))
@@ -343,7 +353,10 @@ def main(argv) -> None:
             jax.block_until_ready(state)
             paused = time.perf_counter()
             if save:
-                checkpoints.save(step, state, data_state, force=True)
+                try:
+                    checkpoints.save(step, state, data_state, force=True)
+                except checkpointing.CheckpointError as e:
+                    sys.exit(str(e))
             if sample:
                 grid = sample_grid(programs, state.get("ema", state["params"]), rest, preview)
                 if is_chief:
@@ -352,13 +365,49 @@ def main(argv) -> None:
             window_start += time.perf_counter() - paused
     batches.close()
     if stop["signal"]:
-        reason = {signal.SIGTERM: "SIGTERM", "preemption": "SIGTERM (agreed by all processes)"}.get(
-            stop["signal"], f"train.stop_at={t.stop_at}")
+        reason = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", "preemption": "SIGTERM (agreed by all processes)"
+                  }.get(stop["signal"], f"train.stop_at={t.stop_at}")
         print(f"{reason} at step {step}: checkpoint saved, exiting", flush=True)
-    checkpoints.close()
+    try:
+        checkpoints.close()
+    except checkpointing.CheckpointError as e:
+        sys.exit(str(e))
     if is_chief:
         writer.close()
         metrics_file.close()
+    if stop["signal"] in (signal.SIGTERM, signal.SIGINT, "preemption"):
+        # Stopped, not finished: a scheduler that requeues on 128 + the signal (SLURM, a Kubernetes Job) starts it
+        # again, to resume; train.stop_at is a deliberate stop and exits 0.
+        sys.exit(128 + (signal.SIGTERM if stop["signal"] == "preemption" else stop["signal"]))
+
+
+def claim_workdir(cfg: ml_collections.ConfigDict, checkpoints: checkpointing.Checkpoints) -> None:
+    """Before the workdir is written to: the chief takes its lock (iconface_jax/lock.py), removes what dead saves
+    left, and refuses a config whose model differs from the one the checkpoints were trained with (the workdir's
+    config.json), naming each field. Every process exits, in one line, when the chief refuses."""
+    refusal = ""
+    if jax.process_index() == 0:
+        try:
+            took_over = lock.WorkdirLock(cfg.workdir).acquire()
+        except lock.LockHeld as e:
+            refusal = str(e)
+        else:
+            if took_over:
+                print(took_over, flush=True)
+            removed = checkpoints.remove_partial_saves()
+            if removed:
+                print(f"removed partial saves of a run that died saving: {', '.join(removed)}", flush=True)
+            stored = storage.path(cfg.workdir) / "config.json"
+            if checkpoints.latest_step() is not None and stored.exists():
+                conflicts = checkpointing.config_conflicts(json.loads(stored.read_text()),
+                                                           json.loads(cfg.to_json_best_effort()))
+                if conflicts:
+                    refusal = (f"{stored}: its checkpoints hold another model than the config given: "
+                               f"{'; '.join(conflicts)}; give the stored values, or another workdir")
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(bool(refusal))):
+        refusal = refusal or "the chief (process 0) refused this workdir; its log says why"
+    if refusal:
+        sys.exit(refusal)
 
 
 def write_row(row: dict, steps: int, writer, metrics_file) -> None:
