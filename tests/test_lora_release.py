@@ -28,7 +28,7 @@ from convert import flux2 as convert_flux2
 from convert import lora as convert_lora
 from convert import vae as convert_vae
 from convert.safetensors_file import write_safetensors
-from iconface_jax import config, restore, sequence, text, weights
+from iconface_jax import config, restore, sampling, sequence, text, weights, workdir
 from iconface_jax import system as face_system
 from iconface_jax.models import flux2, lora, vae
 
@@ -174,7 +174,7 @@ def test_restoration_matches_sample_image(ref, release, system, num_refs):
     noise = torch.randn((1, 128, GRID, GRID), generator=torch.Generator().manual_seed(seed))  # as sample_image draws
 
     def run(system, degraded, refs, noise):
-        z0 = restore.restore_tokens(system, degraded, refs, noise, steps=12, guidance=4.0)
+        z0 = sampling.restore_tokens(system, degraded, refs, noise, steps=12, guidance=4.0)
         return z0, jnp.clip(system.decode(z0, SIZE, SIZE), -1, 1)
     z0, image = nnx.jit(run)(system, degraded, refs, tokens(noise))
     assert rel_err(z0, tokens(recorder.latents)) < 1e-5
@@ -218,7 +218,7 @@ def test_restore_cli_from_config(release, tmp_path, capsys):
     args = ["--checkpoint", str(config), "--input", str(tmp_path / "deg.png"), "--output", str(tmp_path / "out.png")]
     assert restore.main(args) == 1
     assert "--lora-init" in capsys.readouterr().err
-    loaded, _, step = restore.load(str(config), lora_init=str(release.root / "lora"))
+    loaded, _, step = workdir.load(str(config), lora_init=str(release.root / "lora"))
     proj = release.transformer.single_blocks[1].linear2
     assert step == 0
     np.testing.assert_array_equal(loaded.model.backbone.single_transformer_blocks[1].attn.to_out.lora_b[...],
@@ -310,6 +310,7 @@ def test_preset_counts_on_klein_4b_match_theirs(ref):
         lora.add_lora(model, 16, 16.0, lora.preset_targets(preset))
         fused = cfg.num_layers * (2 if preset == "flux2_klein" else 4)  # q, k, v beyond the first, per fused qkv
         assert lora.count(model) == their_count + fused * 16 * cfg.hidden_size, preset
+
 
 # --- diffusers/peft-named LoRAs: our own export, diffusers' trainers and peft read back ---
 
