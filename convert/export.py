@@ -32,7 +32,7 @@ import numpy as np
 
 from convert.flux2 import diffusers_key
 from convert.safetensors_file import Lazy, write_safetensors
-from iconface_jax import restore, weights
+from iconface_jax import weights, workdir
 from iconface_jax.models import flux2, iconface, lora
 from iconface_jax.system import FaceSystem
 
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         refuse_existing(args.out)  # before loading: a klein-4B load takes minutes
-        system, cfg, step = restore.load(args.checkpoint, prefer_ema=not args.no_ema)
+        system, cfg, step = workdir.load(args.checkpoint, prefer_ema=not args.no_ema)
         written = export(system, cfg, step, args.out, merged=args.merged)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from iconface_jax import config, flow, restore, sequence, text, train
+from iconface_jax import config, flow, sampling, sequence, text, train
 from iconface_jax.flops import measure_peak, model_flops, train_flops
 from iconface_jax.models import adaface, flux2, iconface, lora, vae
 from iconface_jax.models.layers import Precision
@@ -185,7 +185,7 @@ def bench_full(system: FaceSystem, cfg, batch: int, refs: int, grid: int, text_l
     for cached in (False, True):
         # The cache is a model option; switching it here retraces, the weights stay the same.
         system.model.config = dataclasses.replace(system.model.config, reference_cache=cached)
-        run = nnx.jit(functools.partial(restore.restore, steps=restore_steps, guidance=4.0))
+        run = nnx.jit(functools.partial(sampling.restore_faces, steps=restore_steps, guidance=4.0))
         start = time.perf_counter()
         jax.block_until_ready(run(system, deg, ref_images, jax.random.key(0)))
         compile_s = time.perf_counter() - start
