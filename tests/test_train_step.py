@@ -260,18 +260,22 @@ def test_identity_term_by_hand(monkeypatch):
     monkeypatch.setattr(train.flow, "sample_sigma", lambda *a, **k: seen.setdefault("sigma", sample_sigma(*a, **k)))
     monkeypatch.setattr(face_system.FaceSystem, "decode",
                         lambda self, *a: seen.setdefault("restored", decode(self, *a)))
-    terms, metrics = train.loss_fn(params, rest, graphdef, x, jax.random.key(4), cfg.train)
 
-    emb = lambda images: np.asarray(system.embed(images), np.float64)  # noqa: E731
+    @jax.jit
+    def run(params):  # one program: the loss, and the embeddings of the recorded sigma and restored images
+        terms, metrics = train.loss_fn(params, rest, graphdef, x, jax.random.key(4), cfg.train)
+        embedded = [system.embed(images) for images in (x["refs"], x["gt"], seen["restored"])]
+        return terms, metrics, seen["sigma"], embedded
+
+    terms, metrics, sigma, (z, e_gt, e_out) = jax.tree.map(lambda v: np.asarray(v, np.float64), run(params))
     cos = lambda u, v: np.sum(u * v, -1) / np.linalg.norm(u, axis=-1) / np.linalg.norm(v, axis=-1)  # noqa: E731
-    z = emb(x["refs"])  # (B, R, D): e_ref = normalize(sum_r softmax(log q_r / T) z_r / q_r), q_r = |z_r|
+    # z (B, R, D): e_ref = normalize(sum_r softmax(log q_r / T) z_r / q_r), q_r = |z_r|
     q = np.linalg.norm(z, axis=-1)
     w = np.exp(np.log(q) / system.model.config.id_temperature)
     e_ref = np.einsum("br,brd->bd", w / w.sum(1, keepdims=True), z / q[..., None])
-    e_gt, e_out = emb(x["gt"]), emb(seen["restored"])
     lam = 0.8 * (1 - cos(e_ref, e_gt))
     mixed = (1 - lam) * (1 - cos(e_out, e_ref)) + lam * (1 - cos(e_out, e_gt))
-    omega = np.maximum(1 - np.asarray(seen["sigma"], np.float64), 0.4) ** 2
+    omega = np.maximum(1 - sigma, 0.4) ** 2
     want = np.mean(np.where([True, False, True], omega * mixed, 0.0))
     assert abs(cos(e_ref, e_gt)).max() < 0.99  # anchors that differ, so a swapped slot would show
     np.testing.assert_allclose(float(metrics["loss_id"]), want, rtol=1e-4)
