@@ -174,12 +174,15 @@ class Checkpoints:
         except Exception:  # noqa: BLE001, S110 - the same failure, reported below
             pass
         if jax.process_index() == 0:
-            for _ in range(20):  # a save that failed as it started may still be writing its other items, untracked
+            # A save that failed as it started may still be writing its other items, untracked: remove what it left
+            # until a look finds nothing (at most 10 s; the next start removes anything later).
+            for _ in range(40):
                 try:
-                    self.remove_partial_saves()
-                    break
-                except OSError:
-                    time.sleep(0.25)
+                    if not self.remove_partial_saves():
+                        break
+                except OSError:  # a file written while the directory was being removed
+                    pass
+                time.sleep(0.25)
         self.manager.reload()
         kept = self.manager.latest_step()
         cause = "no space left on device" if _is_disk_full(error) else _first_line(error)
