@@ -1,7 +1,7 @@
 """`python -m iconface_jax.bench`: speed of the FLUX.2 backbone, the full IConFace step and restoration.
 
-Random weights (speed does not depend on values). Each sample is DESIGN.md's hybrid sequence: text,
-scene, degraded and R reference segments. Rows per (B, R): (a) backbone forward and LoRA step
+Random weights (speed does not depend on values). Each sample is the hybrid sequence (docs/design.md#hybrid-sequence):
+text, scene, degraded and R reference segments. Rows per (B, R): (a) backbone forward and LoRA step
 (flow-matching loss only), (b) the full IConFace training step (side pathways, identity loss through
 the VAE decoder and AdaFace), (c) a guided restoration of one face (wall time with VAE encode and
 decode), in full attention and with the reference-token cache. Prints one table (ms/step, samples/s, MFU against a matmul peak measured in the same run,
@@ -112,7 +112,8 @@ def plan(cfg: flux2.Flux2Config, precision: Precision, batch: int, refs: int, gr
          lora_rank: int, remat: str, attention: str | None, trainable: nnx.filterlib.Filter = lora.trainable) -> dict:
     """Compiles the LoRA train step from abstract shapes (no weights allocated) and returns the compile time,
     XLA's memory plan in GB (arguments, outputs, temporaries, and their sum less donated aliases) and XLA's
-    FLOP count of the step beside DESIGN.md's formula (a frozen weight given a gradient would show as ~1.5x).
+    FLOP count of the step beside the formula (docs/design.md#flops; a frozen weight given a gradient would show as
+    ~1.5x).
     `trainable` selects what the step updates (the LoRA factors; `nnx.Param` for every weight)."""
     def build():
         model = flux2.build(cfg, precision, attention_backend=attention, remat=remat)
@@ -272,7 +273,7 @@ def print_plan(args, cfg: flux2.Flux2Config, precision: Precision, shapes: list[
     rows = [plan(cfg, precision, batch, refs, grid, args.text_len, args.lora_rank, remat, args.attention)
             for batch, refs in shapes for remat in args.remat.split(",")]
     print(f"{args.preset} ({args.precision}) on {jax.devices()[0].device_kind}: LoRA step compiled from abstract "
-          f"shapes; memory as XLA plans it (GB); FLOPs per step as XLA counts them and by DESIGN.md's formula")
+          f"shapes; memory as XLA plans it (GB); FLOPs per step as XLA counts them and by formula")
     print_table(rows, [("compile s", "compile_s", ".1f"), ("args", "arguments_gb", ".2f"), ("temp", "temp_gb", ".2f"),
                        ("total", "total_gb", ".2f"), ("XLA TFLOP", "xla_tflop", ".4g"),
                        ("formula", "formula_tflop", ".4g")])

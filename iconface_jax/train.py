@@ -23,13 +23,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
-from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from iconface_jax import checkpointing, compilation, config, flops, flow, hosts, lock, losses, sampling, sharding
-from iconface_jax import storage
+from iconface_jax import checkpointing, compilation, config, flops, flow, hosts, images, lock, losses, sampling
+from iconface_jax import sharding, storage
 from iconface_jax import system as face_system
 from iconface_jax.data import latents, pipeline
 from iconface_jax.models.layers import Precision
@@ -89,8 +88,8 @@ def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
     dropped = jax.random.bernoulli(k_drop, t.text_dropout, (b,))  # empty prompt: trains the CFG branch
     text_emb = jnp.where(dropped[:, None, None], system.empty[...][None], system.prompt[...][None])
     # Residual dropout: these samples lose W_in's shortcut to the degraded tokens and must read the degraded image,
-    # and with it the references, through attention (BUILD_NOTES.md, 2026-12-04). Its key is folded off the step's,
-    # so that runs without it keep their random streams.
+    # and with it the references, through attention (docs/decisions.md#residual-dropout). Its key is folded off the
+    # step's, so that runs without it keep their random streams.
     keep_residual = None
     if t.residual_dropout > 0:
         keep_residual = jax.random.bernoulli(jax.random.fold_in(key, 7), 1 - t.residual_dropout, (b,))
@@ -361,7 +360,7 @@ def main(argv) -> None:
                 grid = sample_grid(programs, state.get("ema", state["params"]), rest, preview)
                 if is_chief:
                     writer.add_image("samples", grid, step, dataformats="HWC")
-                    _write_png(workdir / f"samples_{step:06d}.png", grid)
+                    images.write_png(workdir / f"samples_{step:06d}.png", grid)
             window_start += time.perf_counter() - paused
     batches.close()
     if stop["signal"]:
@@ -429,12 +428,6 @@ def write_row(row: dict, steps: int, writer, metrics_file) -> None:
 def _tokens_per_image(system: face_system.FaceSystem, hw: tuple[int, int]) -> int:
     probe = jax.eval_shape(system.encode, jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32))
     return probe.shape[1]
-
-
-def _write_png(path: epath.Path, image: np.ndarray) -> None:
-    from PIL import Image
-    with path.open("wb") as f:
-        Image.fromarray(image).save(f, format="PNG")
 
 
 if __name__ == "__main__":
