@@ -27,7 +27,7 @@ from flax import nnx
 from PIL import Image
 from tqdm import tqdm
 
-from iconface_jax import compilation, images, sampling, storage, workdir
+from iconface_jax import alignment, compilation, images, landmarks, photos, sampling, storage, workdir
 
 Job = tuple[str, list[str], str]  # (degraded path, reference paths, output path)
 
@@ -71,13 +71,14 @@ def check_crop(path: str) -> None:
         raise ValueError(f"{path}: {width}x{height} is not a square aligned face crop; whole photos: --mode photo")
 
 
-def checked_jobs(jobs: list[Job], max_refs: int) -> list[Job]:
+def checked_jobs(jobs: list[Job], max_refs: int, mode: str = "crop") -> list[Job]:
     """The jobs whose inputs can be restored (square and readable, the references readable); each other one is
     named on stderr with its reason."""
     ok = []
     for job in jobs:
         try:
-            check_crop(job[0])
+            if not is_photo(job[0], mode):
+                check_crop(job[0])
             for path in job[1][:max_refs]:
                 images.image_size(path)
             ok.append(job)
@@ -101,6 +102,43 @@ def restore_crop(run, system, size: int, job: Job, args: argparse.Namespace) -> 
         Image.fromarray(strip).save(outputs_of(job, strip=True)[1])
 
 
+def is_photo(path: str, mode: str) -> bool:
+    """Whether `path` is restored as a whole photo: --mode photo, or --mode auto and not square."""
+    if mode == "auto":
+        height, width = images.image_size(path)
+        return height != width
+    return mode == "photo"
+
+
+def finders(args: argparse.Namespace) -> tuple[photos.Finder, photos.Finder | None]:
+    """The face finders of the photos and of whole-photo references (none with --landmarks-json)."""
+    if args.landmarks_json:
+        given = photos.given_faces(landmarks.from_json(args.landmarks_json))
+        return (lambda photo: given), None
+    if args.detector:
+        find = photos.retinaface_finder(args.detector, 0.6 if args.score_threshold is None else args.score_threshold)
+    elif args.landmarks == "dlib":
+        find = photos.dlib_finder(0.0 if args.score_threshold is None else args.score_threshold)
+    else:
+        raise ValueError("whole photos need a face finder: --detector DIR (RetinaFace), --landmarks dlib or "
+                         "--landmarks-json FILE")
+    return find, find
+
+
+def restore_whole(run, system, size: int, job: Job, args: argparse.Namespace, find, ref_find) -> None:
+    """Restores every face of one whole photo (`photos.restore_file`), progress lines per face."""
+    degraded_path, ref_paths, out_path = job
+    params = args.params_json
+    if params and not args.input:
+        params = os.path.join(params, os.path.splitext(os.path.basename(out_path))[0] + ".json")
+    result = photos.restore_file(system, run, size, degraded_path, ref_paths, out_path, find=find,
+                                 ref_finder=ref_find, key=jax.random.PRNGKey(args.seed), crop_scale=args.crop_scale,
+                                 match_threshold=args.match_threshold, max_refs=args.max_refs,
+                                 crops_dir=args.save_crops, params_path=params,
+                                 log=lambda line: print(line, file=sys.stderr))
+    print(f"{degraded_path}: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items()), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: restore one image, a folder, or the rows of a CSV."""
     p = argparse.ArgumentParser(description="Restore degraded faces with IConFace, with or without references.")
@@ -117,8 +155,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="with --input: output image path")
     p.add_argument("--output-dir", help="with --input-dir or --csv: output folder (existing outputs are kept)")
     p.add_argument("--overwrite", action="store_true", help="redo outputs already in --output-dir")
-    p.add_argument("--mode", choices=("crop",), default="crop",
-                   help="crop: square aligned face crops, restored whole")
+    p.add_argument("--mode", choices=("crop", "photo", "auto"), default="crop",
+                   help="crop: square aligned face crops, restored whole; photo: whole photos, every face found, "
+                        "aligned, restored and pasted back; auto: square inputs as crops, others as photos")
+    photo = p.add_argument_group("whole photos (--mode photo|auto)")
+    finder = photo.add_mutually_exclusive_group()
+    finder.add_argument("--detector", help="converted RetinaFace weights (python -m convert.retinaface)")
+    finder.add_argument("--landmarks", choices=("dlib",), help="dlib's detector and landmarks (the landmarks extra)")
+    finder.add_argument("--landmarks-json", help="with --input: the faces' landmarks (the release's align_params JSON)")
+    photo.add_argument("--score-threshold", type=float, default=None,
+                       help="faces scoring below are left alone (default: RetinaFace 0.6, dlib 0)")
+    photo.add_argument("--crop-scale", type=float, default=alignment.CROP_SCALE,
+                       help=f"aligned crop size over FFHQ's (default {alignment.CROP_SCALE}, our training data's; "
+                            f"the release's {alignment.RELEASE_CROP_SCALE})")
+    photo.add_argument("--match-threshold", type=float, default=photos.MATCH_THRESHOLD,
+                       help="a reference goes to the face most like it (AdaFace cosine) if at least this")
+    photo.add_argument("--save-crops", default="", help="folder for each face's aligned crop and its restoration")
+    photo.add_argument("--params-json", default="",
+                       help="the alignments as JSON (with --input-dir/--csv: a folder, one NAME.json each)")
     p.add_argument("--max-refs", type=int, default=3, help="use at most this many references per image")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--guidance", type=float, default=4.0)
@@ -141,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--output and --output-dir are local paths (the checkpoint and --input/--ref images may be gs://)")
     if args.steps < 1 or args.max_refs < 0:
         p.error("--steps must be at least 1 and --max-refs at least 0")
+    if args.landmarks_json and not args.input:
+        p.error("--landmarks-json gives one photo's faces: use it with --input")
     try:
         jobs = jobs_from_args(args)
         # What will be written, before anything is read or loaded.
@@ -157,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if kept:
         print(f"kept {len(kept)} earlier output(s) in {args.output_dir}, not redone (they may come from another "
               f"checkpoint or other settings; --overwrite redoes them)", file=sys.stderr)
-    todo = checked_jobs([job for job in jobs if job[2] not in kept], args.max_refs)
+    todo = checked_jobs([job for job in jobs if job[2] not in kept], args.max_refs, args.mode)
     failed = len(jobs) - len(kept) - len(todo)
     if todo:
         try:
@@ -175,9 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         step_bar = tqdm(total=args.steps, unit="step", file=sys.stderr) if len(todo) == 1 else None
         run = nnx.jit(partial(sampling.restore_faces, steps=args.steps, guidance=args.guidance,
                               on_step=(lambda i: step_bar.update(1)) if step_bar else None))
+        find = ref_find = None
+        if args.mode != "crop":
+            try:
+                find, ref_find = finders(args)
+            except (ImportError, OSError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
         for job in tqdm(todo, unit="image", file=sys.stderr, disable=len(todo) < 2):
             try:
-                restore_crop(run, system, size, job, args)
+                if is_photo(job[0], args.mode):
+                    restore_whole(run, system, size, job, args, find, ref_find)
+                else:
+                    restore_crop(run, system, size, job, args)
             except (OSError, ValueError) as e:
                 print(f"skipped: {e}", file=sys.stderr)
                 failed += 1
