@@ -153,6 +153,10 @@ def test_dlib_route_restores_the_face_it_finds(toy, shared_dir, dlib_ready):
     result = photos.restore_photo(system, lambda s, d, r, k: run(d, r, k), photo, faces, refs,
                                   jax.random.PRNGKey(0), size, match_threshold=-1)
     check_composite(photo, result.composite, faces[0].landmarks)
+    # The face region is the restoration: cut again from the composite, the crop's centre is the restored crop's.
+    back = photos.align(result.composite, faces[0])[0]
+    mid = slice(photos.CROP // 4, 3 * photos.CROP // 4)
+    assert np.abs(back[mid, mid].astype(int) - result.restored[0][mid, mid]).mean() < 3
     assert result.references == [[(refs[0][0], pytest.approx(result.references[0][0][1]))]]
 
 
