@@ -141,7 +141,9 @@ def restore_whole(run, system, size: int, job: Job, args: argparse.Namespace, fi
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: restore one image, a folder, or the rows of a CSV."""
-    p = argparse.ArgumentParser(description="Restore degraded faces with IConFace, with or without references.")
+    p = argparse.ArgumentParser(description="Restore degraded faces with IConFace, with or without references.",
+                                epilog="--config.a.b=value (as train takes them) overrides a field of a config FILE.py "
+                                       "given as --checkpoint, e.g. --config.model.lora.alpha=32")
     p.add_argument("--checkpoint", required=True, help="training workdir (config.json + checkpoints/), or a config "
                                                        "FILE.py[:ARG] with --lora-init (the authors' LoRA: README)")
     p.add_argument("--lora-init", default="", help="converted LoRA (python -m convert.lora) the model starts from")
@@ -184,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strip", action="store_true",
                    help="also write OUTPUT_strip.png: degraded | references | restored, at the model's resolution")
     compilation.add_flag(p)
-    args = p.parse_args(argv)
+    args, overrides = p.parse_known_args(argv)
+    unknown = [a for a in overrides if not a.startswith("--config.")]
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     # Only programs that take a second or more to compile (the restoration): eager ops are not worth a file each.
     compilation.enable(args.compile_cache, min_compile_s=1.0)
     if args.input and not args.output:
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if todo:
         try:
             system, cfg, step = workdir.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step,
-                                             lora_init=args.lora_init)
+                                             lora_init=args.lora_init, overrides=overrides)
         except (OSError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

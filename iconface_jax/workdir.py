@@ -13,18 +13,22 @@ from iconface_jax import system as face_system
 from iconface_jax.system import FaceSystem
 
 
-def load(workdir: str, prefer_ema: bool = True, step: int | None = None,
-         lora_init: str = "") -> tuple[FaceSystem, ml_collections.ConfigDict, int]:
+def load(workdir: str, prefer_ema: bool = True, step: int | None = None, lora_init: str = "",
+         overrides: list[str] | tuple[str, ...] = ()) -> tuple[FaceSystem, ml_collections.ConfigDict, int]:
     """The trained system of a training workdir (its config.json and the checkpoint of `step`, default the
-    latest), and its step; or, for a config `FILE.py[:ARG]`, its model with the adapter of `model.lora_init`
-    (step 0), `lora_init` overriding the config's (the authors' released LoRA on the concat config)."""
+    latest), and its step; or, for a config `FILE.py[:ARG]` with `--config.a.b=value` `overrides`, its model with
+    the adapter of `model.lora_init` (step 0), `lora_init` overriding the config's (the authors' released LoRA on
+    the concat config). A workdir's model is the one its checkpoints hold: overrides are refused there."""
     if workdir.partition(":")[0].endswith(".py"):
-        cfg = config.load(workdir)
+        cfg = config.load(workdir, overrides)
         cfg.model.lora_init = lora_init or cfg.model.lora_init
         if not cfg.model.lora_init:
             raise ValueError(f"{workdir}: a config alone is an untrained model; name a converted LoRA "
                              f"(--lora-init DIR) or give a training workdir")
         return face_system.build(cfg), cfg, 0
+    if overrides:
+        raise ValueError(f"{workdir}: a training workdir restores the model its checkpoints hold; --config.* overrides "
+                         f"({' '.join(overrides)}) apply to a config FILE.py given as --checkpoint")
     path = os.path.join(workdir, "config.json")  # a local path or gs://
     if not storage.path(path).is_file():
         raise FileNotFoundError(f"{workdir} is not a training workdir: {path} is missing")

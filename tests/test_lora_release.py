@@ -32,6 +32,8 @@ from iconface_jax import config, restore, sampling, sequence, text, weights, wor
 from iconface_jax import system as face_system
 from iconface_jax.models import flux2, lora, vae
 
+pytestmark = pytest.mark.parity
+
 RANK, ALPHA, GRID, SIZE, LENGTH = 4, 8.0, 4, 64, 8  # 64 px images: 4x4 tokens of 128 channels
 PROMPT = "restore a high quality portrait photo of a person, natural skin, detailed face"
 
@@ -223,6 +225,13 @@ def test_restore_cli_from_config(release, tmp_path, capsys):
     assert step == 0
     np.testing.assert_array_equal(loaded.model.backbone.single_transformer_blocks[1].attn.to_out.lora_b[...],
                                   proj.lora_B.detach().numpy().T)
+    # --config.* overrides, as train takes them, apply to a config checkpoint; a field it lacks is one line.
+    _, cfg, _ = workdir.load(str(config), lora_init=str(release.root / "lora"),
+                             overrides=["--config.model.precision=bf16", "--config.seed=7"])
+    assert (cfg.model.precision, cfg.seed) == ("bf16", 7)
+    capsys.readouterr()
+    assert restore.main(args + ["--lora-init", str(release.root / "lora"), "--config.model.lora.rnak=4"]) == 1
+    assert "rnak" in capsys.readouterr().err
 
 
 # --- the importer's refusals: each bad file names itself and the culprit, and nothing is written ---

@@ -13,6 +13,8 @@ from PIL import Image
 from iconface_jax import restore
 from iconface_jax import workdir as workdirs
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def workdir(toy_run):
@@ -83,6 +85,12 @@ def test_bad_inputs_name_the_file(workdir, tmp_path, capsys):
                          "--step", "5"]) == 1
     err = capsys.readouterr().err
     assert "no checkpoint of step 5" in err and "kept: [6]" in err
+    # A workdir restores the model its checkpoints hold: --config.* overrides are for config files.
+    assert restore.main(["--checkpoint", str(workdir), "--input", deg, "--output", str(tmp_path / "o.png"),
+                         "--config.model.lora.rank=4"]) == 1
+    assert "--config.model.lora.rank=4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        restore.main(["--checkpoint", str(workdir), "--input", deg, "--output", str(tmp_path / "o.png"), "--bogus"])
     with pytest.raises(SystemExit) as exit_:
         restore.main(["--checkpoint", str(workdir), "--input", str(junk), "--output", "o.png", "--steps", "0"])
     assert exit_.value.code == 2
