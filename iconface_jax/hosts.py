@@ -71,3 +71,14 @@ def _read(path: str) -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def wait_for_all(name: str, timeout_s: int = 3600) -> None:
+    """Blocks until every process reaches the barrier `name` (unique per run); nothing in a single process.
+
+    The barrier is the coordination service's, which waits as long as `timeout_s`: processes that finish a long
+    piece of host work (compiling every program) minutes apart would otherwise meet first in a device collective,
+    whose transport gives up sooner (gloo's "Connect timeout" on CPU processes)."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+        multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)

@@ -58,7 +58,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW with linear warmup, cosine decay and global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, max(t.steps, t.warmup_steps + 1))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps,
+                                                  max(t.steps, t.warmup_steps + 1))
     return optax.chain(optax.clip_by_global_norm(t.grad_clip), optax.adamw(schedule, weight_decay=t.weight_decay))
 
 
@@ -126,7 +127,7 @@ def train_step(state, rest, batch, *, graphdef, tx, t):
         jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b_: jnp.where(finite, a, b_), new, old)  # noqa: E731
+    keep = lambda new, old: jax.tree.map(lambda a, b_: jnp.where(finite, a, b_), new, old)
     new = dict(params=keep(params, state["params"]), opt_state=keep(opt_state, state["opt_state"]),
                step=state["step"] + 1, key=key)
     if "ema" in state:
@@ -277,6 +278,7 @@ def main(argv) -> None:
          for r in reference_counts(cfg.data)}
         | {f"sample grid R={r}": partial(restore_fn.lower, weights, rest, preview["deg"], preview["refs"][:, :r],
                                          preview["key"]) for r in (0, preview["refs"].shape[1])})
+    hosts.wait_for_all("iconface_jax programs compiled")
     writer = metrics_file = None
     if is_chief:
         from tensorboardX import SummaryWriter
@@ -318,10 +320,12 @@ def main(argv) -> None:
             # for them never leaves the device idle while the host loads, logs or dispatches.
             done_step, done_metrics, done_refs = done
             window_steps += 1
-            window_flops += t.batch_size * flops.train_flops(bb, system.prompt.shape[0], (2 + done_refs) * tokens_per_image)
+            window_flops += t.batch_size * flops.train_flops(bb, system.prompt.shape[0],
+                                                             (2 + done_refs) * tokens_per_image)
             if not bool(done_metrics["finite"]):
                 nonfinite += 1
-                print(f"step {done_step}: non-finite loss or gradient, update skipped ({nonfinite} in a row)", flush=True)
+                print(f"step {done_step}: non-finite loss or gradient, update skipped ({nonfinite} in a row)",
+                      flush=True)
                 if nonfinite >= t.max_nonfinite:
                     if metrics_file is not None:
                         metrics_file.close()  # in a bucket, this writes the rows the message points to
