@@ -82,13 +82,13 @@ def _torch_load(path: str, allow_unsafe_pickle: bool):
                               "alternatively convert it to safetensors elsewhere") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
-    except Exception as e:  # noqa: BLE001 - every failure becomes a message naming the file
+    except Exception as e:
         error = e
     unsafe: list[str] = []
     if not allow_unsafe_pickle:
         try:
             unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-        except Exception:  # noqa: BLE001 - not a zip checkpoint: fall back to torch's message
+        except Exception:
             text = str(error)
             if "Unsupported global" in text or "Weights only load failed" in text:
                 unsafe = ["(see torch's message: " + text.split("WeightsUnpickler error:")[-1].strip()[:300] + ")"]

@@ -80,7 +80,7 @@ def resize_tokens(tokens: torch.Tensor, grid: tuple[int, int], to: tuple[int, in
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Multi-head softmax attention of (B, L, heads*d) inputs, (B, Lq, heads*d) out."""
-    split = lambda y: y.reshape(*y.shape[:2], heads, -1).transpose(1, 2)  # noqa: E731
+    split = lambda y: y.reshape(*y.shape[:2], heads, -1).transpose(1, 2)
     out = F.scaled_dot_product_attention(split(q), split(k), split(v))
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
 
@@ -239,7 +239,7 @@ def iconface_velocity(transformer: nn.Module, side: IConFaceSide, scene: torch.T
             raise ValueError(f"variant {cfg['variant']!r} needs the identity anchor e_id")
         d_dbl, d_sgl = side.identity(e_id)
     # diffusers' blocks take per-token modulations (B, L, kD): text keeps the shared single-stream one.
-    per_token = lambda m, n: m[:, None].expand(-1, n, -1)  # noqa: E731
+    per_token = lambda m, n: m[:, None].expand(-1, n, -1)
     mod_single = torch.cat([per_token(mod_single, n_txt), per_token(mod_single + d_sgl, n_img)], dim=1)
     mod_img = mod_img + d_dbl
     kwargs = None

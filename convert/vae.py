@@ -36,7 +36,7 @@ CONFIG_FILE = "config.json"
 
 def bfl_name(key: str, num_up: int) -> str:
     """The Black Forest Labs name of the diffusers key `key`; `num_up` is the number of decoder levels."""
-    up = lambda m: f"decoder.up.{num_up - 1 - int(m[1])}."  # noqa: E731  (BFL numbers up levels from the top)
+    up = lambda m: f"decoder.up.{num_up - 1 - int(m[1])}."
     rules: list[tuple[str, str | Callable[[re.Match], str]]] = [
         (r"^quant_conv\.", "encoder.quant_conv."),
         (r"^post_quant_conv\.", "decoder.post_quant_conv."),
@@ -78,7 +78,8 @@ def infer_config(reader: Reader, name: Callable[[str], str]) -> vae.VAEConfig:
     levels = _count(reader, lambda i: name(f"encoder.down_blocks.{i}.resnets.0.conv1.weight"))
     up_levels = _count(reader, lambda i: name(f"decoder.up_blocks.{i}.resnets.0.conv1.weight"))
     if not levels or not up_levels:
-        raise common.ConversionError(f"{_where(reader)}: missing tensor {name('encoder.down_blocks.0.resnets.0.conv1.weight')!r}")
+        first = name("encoder.down_blocks.0.resnets.0.conv1.weight")
+        raise common.ConversionError(f"{_where(reader)}: missing tensor {first!r}")
     chs = tuple(shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(levels))
     dec = tuple(shape(f"decoder.up_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(up_levels))[::-1]
     latent = shape("decoder.conv_in.weight")[1]
@@ -130,7 +131,8 @@ def config_from_diffusers(path: str) -> vae.VAEConfig:
 
 def _find(src: str) -> tuple[str, str | None]:
     """The safetensors source (file or directory) and the diffusers config.json to use, if any."""
-    if os.path.isdir(src) and not os.path.isfile(os.path.join(src, CONFIG_FILE)) and os.path.isdir(os.path.join(src, "vae")):
+    if (os.path.isdir(src) and not os.path.isfile(os.path.join(src, CONFIG_FILE))
+            and os.path.isdir(os.path.join(src, "vae"))):
         src = os.path.join(src, "vae")
     folder = src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src))
     config = os.path.join(folder, CONFIG_FILE)
@@ -155,7 +157,8 @@ def plan(reader: Reader, config_path: str | None) -> tuple[dict, dict[str, commo
         layout, name = "bfl", lambda k: bfl_name(k, num_up)
     else:
         raise common.ConversionError(f"{_where(reader)}: not a FLUX.2 VAE checkpoint (no tensor "
-                                     f"'encoder.down_blocks.0.resnets.0.conv1.weight' nor 'encoder.down.0.block.0.conv1.weight')")
+                                     f"'encoder.down_blocks.0.resnets.0.conv1.weight' nor "
+                                     f"'encoder.down.0.block.0.conv1.weight')")
     if config_path is not None and layout == "diffusers":
         config = config_from_diffusers(config_path)
     else:

@@ -16,24 +16,24 @@ import os
 if __name__ == "__main__":  # compile-only, before JAX is imported: the CUDA plugin must not look for a GPU
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import dataclasses  # noqa: E402
-import functools  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import dataclasses
+import functools
+import json
+import math
+import re
+import sys
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.experimental import topologies  # noqa: E402
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+from jax.experimental import topologies
 
-from iconface_jax import config, sharding, system as face_system, train  # noqa: E402 - train defines --config
-from iconface_jax.flops import model_flops  # noqa: E402
-from iconface_jax.models.attention import CUDNN_DTYPES  # noqa: E402
-from iconface_jax.models.layers import Precision  # noqa: E402
+from iconface_jax import config, sharding, system as face_system, train
+from iconface_jax.flops import model_flops
+from iconface_jax.models.attention import CUDNN_DTYPES
+from iconface_jax.models.layers import Precision
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "target: v4-8, v5e-64, v5p-128, v6e-64, ... or h100-1, h100-8")
 _OUT = flags.DEFINE_string("out", "", "write the plan as JSON here")
@@ -157,8 +157,8 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
     tx = train.make_optimizer(t)
     state = jax.eval_shape(lambda p: train.init_state(p, tx, t, cfg.seed), params)
     step = train.jit_train_step(graphdef, tx, t, mesh, state, rest, cfg.mesh.shard_min_size)
-    image = lambda *lead: jax.ShapeDtypeStruct((*lead, size, size, 3), jnp.float32)  # noqa: E731
-    encode = lambda p, r, x: nnx.merge(graphdef, p, r).encode(x)  # noqa: E731 - the system is abstract
+    image = lambda *lead: jax.ShapeDtypeStruct((*lead, size, size, 3), jnp.float32)
+    encode = lambda p, r, x: nnx.merge(graphdef, p, r).encode(x)
     tokens = jax.eval_shape(encode, params, rest, image(1)).shape[1]
     backbone, text_len = system.model.backbone.config, system.prompt.shape[0]
     # Splash and cuDNN (bf16/fp16/fp8 only; float32 takes XLA) are custom calls XLA's cost model cannot see.
@@ -199,7 +199,7 @@ def _measure(name: str, refs: int, global_batch: int, fn, args, mesh, target: Ta
     flop = cost.get("flops", 0.0) + kernel_flops
     bytes_accessed = cost.get("bytes accessed", 0.0)
     seconds = max(flop / (target.chip.peak_tflops * 1e12), bytes_accessed / (target.chip.hbm_tb_s * 1e12))
-    gb = lambda n: round(n / 2**30, 2)  # noqa: E731
+    gb = lambda n: round(n / 2**30, 2)
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     print(f"  compiled in {compile_s:.0f} s: {gb(total)} GB per chip, {flop / 1e12:.2f} TFLOP", flush=True)
     return dict(name=name, R=refs, global_batch=global_batch, compile_s=round(compile_s, 1),

@@ -4,7 +4,8 @@ Random weights (speed does not depend on values). Each sample is the hybrid sequ
 text, scene, degraded and R reference segments. Rows per (B, R): (a) backbone forward and LoRA step
 (flow-matching loss only), (b) the full IConFace training step (side pathways, identity loss through
 the VAE decoder and AdaFace), (c) a guided restoration of one face (wall time with VAE encode and
-decode), in full attention and with the reference-token cache. Prints one table (ms/step, samples/s, MFU against a matmul peak measured in the same run,
+decode), in full attention and with the reference-token cache. Prints one table (ms/step, samples/s, MFU against a
+matmul peak measured in the same run,
 (d) compile time, (e) peak device memory) and writes it as JSON.
 On CPU the defaults shrink to the tiny preset and small images so the run takes seconds.
 """
@@ -123,7 +124,7 @@ def plan(cfg: flux2.Flux2Config, precision: Precision, batch: int, refs: int, gr
     tx = optax.adamw(1e-4)
     img_ids = sequence.image_segment_ids(grid, grid, refs)
     step = lora_train_step(graphdef, tx, grid * grid, img_ids, sequence.text_ids(text_len))
-    shape = lambda *s, dtype=precision.dtype: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
+    shape = lambda *s, dtype=precision.dtype: jax.ShapeDtypeStruct(s, dtype)
     args = (params, jax.eval_shape(tx.init, params), frozen, shape(batch, len(img_ids), cfg.in_channels),
             shape(batch, text_len, cfg.joint_attention_dim), shape(batch, grid * grid, cfg.in_channels),
             shape(batch, dtype=jnp.float32))
@@ -131,7 +132,7 @@ def plan(cfg: flux2.Flux2Config, precision: Precision, batch: int, refs: int, gr
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - start
     m = compiled.memory_analysis()
-    gb = lambda n: round(n / 2**30, 2)  # noqa: E731
+    gb = lambda n: round(n / 2**30, 2)
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list per program in older JAX
@@ -192,7 +193,8 @@ def bench_full(system: FaceSystem, cfg, batch: int, refs: int, grid: int, text_l
         compile_s = time.perf_counter() - start
         t_restore = _timed(lambda: run(system, deg, ref_images, jax.random.key(0)), max(1, steps // 2))
         if cached:  # one pass of the conditioning tokens, then steps over text + scene reading their cache
-            flops = sum(model_flops(cfg, 0, n_cond)) + restore_steps * 2 * sum(model_flops(cfg, text_len, n_scene, n_cond))
+            flops = (sum(model_flops(cfg, 0, n_cond))
+                     + restore_steps * 2 * sum(model_flops(cfg, text_len, n_scene, n_cond)))
         else:
             flops = restore_steps * 2 * sum(model_flops(cfg, text_len, n_img))
         yield dict(kind=f"restore {restore_steps} st" + (" cache" if cached else ""), B=1, R=refs,

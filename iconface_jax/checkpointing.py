@@ -97,7 +97,7 @@ class Checkpoints:
         self.wait()  # a failure of the previous save is reported as that step's
         try:
             started = self.manager.save(step, force=force, args=ocp.args.Composite(**items))
-        except Exception as e:  # noqa: BLE001 - any failure of a save is reported in one line
+        except Exception as e:  # any failure of a save is reported in one line
             raise self._save_failed(step, e) from e
         self.pending = step if started else None
         return started
@@ -142,14 +142,15 @@ class Checkpoints:
             raise FileNotFoundError(f"no complete checkpoint under {self.manager.directory}")
         has_ema = (self.manager.directory / str(step) / "ema").exists()
         name = "ema" if prefer_ema and has_ema else "params"
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(abstract_params)}))
+        items = {name: ocp.args.StandardRestore(abstract_params)}
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return step, restored[name]
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are complete; a failed one raises `CheckpointError`."""
         try:
             self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001 - any failure of a save is reported in one line
+        except Exception as e:  # any failure of a save is reported in one line
             raise self._save_failed(self.pending, e) from e
         finally:
             self.pending = None
@@ -171,7 +172,7 @@ class Checkpoints:
         """The one-line error of a failed save; the partial save is removed (its space given back)."""
         try:
             self.manager.wait_until_finished()
-        except Exception:  # noqa: BLE001, S110 - the same failure, reported below
+        except Exception:  # the same failure, reported below
             pass
         if jax.process_index() == 0:
             # A save that failed as it started may still be writing its other items, untracked: remove what it left
@@ -198,7 +199,7 @@ class Checkpoints:
         for name, arg in _restore_args(abstract_state).items():
             try:
                 self.manager.restore(step, args=ocp.args.Composite(**{name: arg}))
-            except Exception:  # noqa: BLE001 - this is the item that fails
+            except Exception:  # this is the item that fails
                 return f"{self.manager.directory / str(step) / name}: {_first_line(error)}"
         return f"{self.manager.directory / str(step)}: {_first_line(error)}"
 

@@ -290,7 +290,8 @@ class Evaluator:
         used = row.refs[: self.refs]
         refs = (np.stack([images.to_model(images.read_uint8(p, size)) for p in used])[None] if used
                 else np.zeros((1, 0, size, size, 3), np.float32))
-        restored = images.from_model(self.restore(self.system, images.to_model(lq)[None], refs, self.key)[0], (size, size))
+        restored = images.from_model(self.restore(self.system, images.to_model(lq)[None], refs, self.key)[0],
+                                     (size, size))
         Image.fromarray(restored).save(os.path.join(self.out_dir, "restored", name))
 
         ref1 = images.read_uint8(row.refs[0], size) if row.refs else None
@@ -422,7 +423,8 @@ def evaluate_synthetic(args: argparse.Namespace) -> int:
         print(f"note: {args.checkpoint} was trained on {cfg.data.source!r} data; evaluating on synthetic faces",
               file=sys.stderr)
     refs = args.refs or 1  # the restoration without references always runs too
-    out_dir = args.output_dir or os.path.join(args.checkpoint, "eval", f"synthetic{args.synthetic}_refs{refs}_step{step}")
+    out_dir = args.output_dir or os.path.join(args.checkpoint, "eval",
+                                              f"synthetic{args.synthetic}_refs{refs}_step{step}")
     os.makedirs(out_dir, exist_ok=True)
     cases = synthetic_cases(cfg, args.synthetic, refs, args.degradation)
     print(f"evaluating the step-{step} model of {args.checkpoint} on {args.synthetic} held-out synthetic "
@@ -444,7 +446,8 @@ def evaluate_synthetic(args: argparse.Namespace) -> int:
 
     per_image, records = [], []
     for name, restored in methods.items():
-        scores = [{"psnr": metrics.psnr(x, gt), "ssim": metrics.ssim(x, gt, channels=args.ssim_channels), "trait_mse": trait_mse(x, gt, m)}
+        scores = [{"psnr": metrics.psnr(x, gt), "ssim": metrics.ssim(x, gt, channels=args.ssim_channels),
+                   "trait_mse": trait_mse(x, gt, m)}
                   for x, gt, m in zip(restored, cases["gt"], cases["traits"])]
         per_image += [{"method": name, "index": i, **{k: f"{v:.6f}" for k, v in sc.items()}}
                       for i, sc in enumerate(scores)]

@@ -62,7 +62,7 @@ class WorkdirLock:
         self._thread.start()
         # At exit, also on an error: before the interpreter's thread pools close, which a bucket's client still needs
         # (atexit runs after them). `release` is idempotent.
-        threading._register_atexit(self.release)  # noqa: SLF001 - the one hook that runs early enough
+        threading._register_atexit(self.release)  # the one hook that runs early enough
         return takeover
 
     def release(self) -> None:

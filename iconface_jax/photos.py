@@ -185,7 +185,7 @@ def restore_photo(system: FaceSystem, run: Restorer, photo: np.ndarray, faces: S
     seconds["align"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    to_model = lambda crops: np.stack([images.to_model(sources.square_resize(c, size)) for c in crops])  # noqa: E731
+    to_model = lambda crops: np.stack([images.to_model(sources.square_resize(c, size)) for c in crops])
     face_in = to_model([crop for crop, _ in aligned])
     ref_in = to_model([crop for _, crop in references]) if references else np.zeros((0, size, size, 3), np.float32)
     embed = np.asarray(_embed(system, np.concatenate([face_in, ref_in])))

@@ -118,7 +118,7 @@ def prefetch_to_device(batches: Iterator[tuple[dict[str, np.ndarray], Any]], mes
                 if not put(((global_batch(host, mesh), extra), None)):
                     return
             put((None, None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        except BaseException as e:  # handed to the consumer, which raises it
             put((None, e))
 
     thread = threading.Thread(target=fill, name="prefetch_to_device", daemon=True)

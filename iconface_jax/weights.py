@@ -114,10 +114,12 @@ def restore(model: nnx.Module, src: str, kinds: tuple[type, ...] = (nnx.Param,),
     missing = sorted(set(targets) - set(stored))
     unexpected = sorted(set(stored) - set(targets))
     if missing or unexpected:
-        raise WeightsError(f"{src}: parameters do not fit the model; missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise WeightsError(f"{src}: parameters do not fit the model; missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
     for key, var in targets.items():
         if tuple(stored[key].shape) != tuple(var.get_value().shape):
-            raise WeightsError(f"{src}: {key} has shape {tuple(stored[key].shape)}, the model expects {var.get_value().shape}")
+            raise WeightsError(f"{src}: {key} has shape {tuple(stored[key].shape)}, "
+                               f"the model expects {var.get_value().shape}")
     # Restored straight onto the devices in each variable's dtype and final sharding, array by array: no host
     # copy of the model, and on a mesh each process reads only its shards (never the whole model on one chip).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -17,6 +17,8 @@ from convert import adaface as convert_adaface
 from iconface_jax import weights
 from iconface_jax.models import adaface, recognition
 
+pytestmark = pytest.mark.parity
+
 torch = import_or_skip("torch")
 
 SHARED = Path(__file__).parents[1] / ".." / "shared"

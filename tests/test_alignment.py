@@ -14,6 +14,8 @@ import pytest
 from conftest import require
 from iconface_jax import alignment
 
+pytestmark = pytest.mark.parity
+
 
 @pytest.fixture(scope="module")
 def theirs(shared_dir):

@@ -21,6 +21,8 @@ from conftest import ROOT
 from iconface_jax import aot
 from iconface_jax.models import attention
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow, pytest.mark.tpu]
+
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and importlib.util.find_spec(
     "jax_plugins.xla_cuda12") is not None

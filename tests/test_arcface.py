@@ -17,6 +17,8 @@ from convert import arcface as convert_arcface
 from iconface_jax import weights
 from iconface_jax.models import arcface
 
+pytestmark = pytest.mark.parity
+
 torch = import_or_skip("torch")
 
 GOLDEN = SHARED / "golden"
@@ -127,7 +129,7 @@ def test_prefixed_state_dict_and_safetensors_r18(tmp_path, capsys):
     assert "IResNet R18" in err and "2, 2, 2, 2" in err
     model = arcface.load(str(tmp_path / "a"))
     assert model.config.units == (2, 2, 2, 2) and len(model.layer3) == 2
-    hwio = lambda key: state[key].numpy().transpose(2, 3, 1, 0)  # noqa: E731 - OIHW -> HWIO
+    hwio = lambda key: state[key].numpy().transpose(2, 3, 1, 0)
     np.testing.assert_array_equal(model.layer1[0].downsample[0].kernel[...], hwio("layer1.0.downsample.0.weight"))
     np.testing.assert_array_equal(model.layer2[1].conv2.kernel[...], hwio("layer2.1.conv2.weight"))
     assert model.layer2[1].downsample is None

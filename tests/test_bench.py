@@ -50,7 +50,8 @@ def test_plan_compiles_from_abstract_shapes(tmp_path, capsys):
 def test_frozen_weights_get_no_gradient():
     """XLA's FLOP count of the compiled step: training only LoRA skips the frozen weights' gradient matmuls
     (~2x the linear forward instead of ~3x). Small width, so the linear layers dominate."""
-    cfg = dataclasses.replace(flux2.PRESETS["tiny"], num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 8, 8, 8))
+    cfg = dataclasses.replace(flux2.PRESETS["tiny"], num_attention_heads=4, attention_head_dim=32,
+                              axes_dims_rope=(8, 8, 8, 8))
     flops = {name: bench.plan(cfg, Precision(), 1, 1, 4, 8, 1, "none", None, trainable=f)["xla_tflop"]
              for name, f in [("lora", lora.trainable), ("all", nnx.Param)]}
     assert 0.6 < flops["lora"] / flops["all"] < 0.72, flops

@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, env_with, run_train
+
+pytestmark = pytest.mark.subprocess
 
 # Compiles two programs through `compilation.compile_all` after `compilation.enable(argv[1])`, then prints JAX's
 # count of cache hits and of compiles that consulted the cache.

@@ -12,6 +12,8 @@ import pytest
 from conftest import ROOT, demo_config, env_with, toy_flags
 from iconface_jax import config
 
+pytestmark = pytest.mark.subprocess
+
 VARIANTS = ("concat", "struct", "id", "one_route", "full")
 
 # configs/demo.py as `git show 2309a38:configs/demo.py` built it (before iconface_jax/config.py), every field

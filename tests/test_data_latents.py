@@ -19,6 +19,8 @@ from iconface_jax import system as face_system
 from iconface_jax import train
 from iconface_jax.data import catalog, latents, pipeline
 
+pytestmark = pytest.mark.subprocess
+
 
 def toy_config(identities: int = 10) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")

@@ -20,6 +20,8 @@ from conftest import ROOT
 from iconface_jax.data import catalog, pipeline, references, synthetic
 from iconface_jax.data.sources import FFHQRefSource, FolderSource
 
+pytestmark = pytest.mark.subprocess
+
 PROBS = (0.3, 0.3, 0.2, 0.2)  # the paper's protocol: 30% no reference, 30% one, 20% two, 20% three
 
 
@@ -322,7 +324,7 @@ def test_default_config_and_sources(tmp_path):
     samples = pipeline.FaceSamples(catalog.make_source(c), c, seed=0, global_batch=2)
     assert samples.presets["severe"].scale_range == (30.0, 31.0)
     arrays, info = samples.sample(0, 0)
-    detail = lambda x: np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean()  # noqa: E731
+    detail = lambda x: np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean()
     assert info.degradation == "severe" and detail(arrays["deg"]) < 0.5 * detail(arrays["gt"])  # 30x: a blur
     _write_folder_dataset(tmp_path)
     c.source, c.folder.root = "folder", str(tmp_path)

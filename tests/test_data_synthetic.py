@@ -105,7 +105,8 @@ def test_trait_mask_holds_every_pixel_the_fine_traits_change():
 def test_held_out_identities_follow_the_training_ones():
     train = synthetic.SyntheticSource(5, 3, 32, seed=2)
     held_out = synthetic.SyntheticSource(4, 3, 32, seed=2, first_identity=5)
-    assert min(r.gt for r in held_out.records) == 15 and not {r.gt for r in train.records} & {r.gt for r in held_out.records}
+    assert min(r.gt for r in held_out.records) == 15
+    assert not {r.gt for r in train.records} & {r.gt for r in held_out.records}
     assert np.array_equal(held_out.fetch(16), synthetic.SyntheticSource(6, 3, 32, seed=2).fetch(16))
 
 

@@ -35,7 +35,7 @@ def _normalise(name: str) -> str:
 
 def declared(pyproject: dict) -> tuple[set[str], set[str]]:
     """(main dependencies, dependencies of any extra) as normalised distribution names."""
-    names = lambda reqs: {_normalise(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.strip())[0]) for r in reqs}  # noqa: E731
+    names = lambda reqs: {_normalise(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", r.strip())[0]) for r in reqs}
     project = pyproject["project"]
     return names(project["dependencies"]), set().union(*map(names, project.get("optional-dependencies", {}).values()))
 

@@ -18,6 +18,8 @@ from iconface_jax import evaluate, images, metrics, sampling, weights, workdir
 from iconface_jax.data import synthetic
 from iconface_jax.models import adaface, arcface
 
+pytestmark = pytest.mark.slow
+
 
 def test_iqa_without_pyiqa_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyiqa", None)  # import pyiqa -> ImportError
@@ -51,7 +53,7 @@ def faces_csv(shared_dir, tmp_path):
     one degraded here, one whose 'degraded' image is its ground truth (PSNR at the cap)."""
     faces = shared_dir / "faces"
     cases = [sorted((faces / split).iterdir())[0] for split in ("supp_ref_ffhq_moderate", "supp_ref_celeba_test_ref")]
-    rel = lambda p: str(p.relative_to(faces))  # noqa: E731
+    rel = lambda p: str(p.relative_to(faces))
     path = tmp_path / "rows.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -194,15 +196,15 @@ def test_ref_columns_use_the_first_reference(tmp_path):
         paths[name] = str(tmp_path / f"{name}.png")
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(paths[name])
     (tmp_path / "restored").mkdir()
-    pixels = lambda x: np.asarray(x, np.float64).reshape(len(x), -1)  # noqa: E731 - a recogniser's stand-in
-    restore = lambda system, lq, refs, key: 0.5 * (lq + refs[:, 0])  # noqa: E731 - like both, equal to neither
+    pixels = lambda x: np.asarray(x, np.float64).reshape(len(x), -1)
+    restore = lambda system, lq, refs, key: 0.5 * (lq + refs[:, 0])
     evaluator = evaluate.Evaluator(None, 16, 1, str(tmp_path), restore, {"adaface": pixels}, {}, None, None, "y")
     record = evaluator(evaluate.Row(0, "d", paths["gt"], paths["lq"], (paths["ref1"], paths["ref2"])))
 
-    feature = lambda path: np.asarray(Image.open(path), np.float64).ravel() / 127.5 - 1  # noqa: E731 - model scale
+    feature = lambda path: np.asarray(Image.open(path), np.float64).ravel() / 127.5 - 1
     out, lq, gt, ref1 = (feature(p) for p in (str(tmp_path / "restored" / record["restored"]), paths["lq"],
                                               paths["gt"], paths["ref1"]))
-    cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)  # noqa: E731
+    cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
     want = {"ref_adaface": cos(out, ref1), "gt_adaface": cos(out, gt), "lq_ref_adaface": cos(lq, ref1),
             "lq_gt_adaface": cos(lq, gt)}
     assert abs(want["ref_adaface"] - want["gt_adaface"]) > 0.1  # the columns differ where the features do

@@ -24,6 +24,8 @@ from iconface_jax import sampling, workdir
 from iconface_jax import system as face_system
 from iconface_jax.models import iconface, lora
 
+pytestmark = pytest.mark.parity
+
 
 def demo_config(variant: str):
     """The demo config at toy size, LoRA alpha 2 x rank (so a lost scale would show)."""
@@ -51,7 +53,7 @@ def inputs(system, refs: int, seed: int = 0, grid=(4, 4)):
     rng = np.random.default_rng(seed)
     bb = system.model.backbone.config
     n = grid[0] * grid[1]
-    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)
     e_id = f(2, 512)
     return dict(scene=f(2, n, bb.in_channels), degraded=f(2, n, bb.in_channels),
                 references=f(2, refs, n, bb.in_channels), text=f(2, 8, bb.joint_attention_dim),
@@ -195,8 +197,8 @@ def test_restore_reuses_conditions_across_steps_and_branches():
     x_deg, x_refs, e_id = system.encode(deg), system.encode(refs), system.anchor(deg, refs)
     text = jnp.concatenate([jnp.broadcast_to(system.prompt[...], (2, *system.prompt.shape)),
                             jnp.broadcast_to(system.empty[...], (2, *system.empty.shape))])
-    twice = lambda a: jnp.concatenate([a, a])  # noqa: E731
-    full = lambda z2, s2: system.model(z2, twice(x_deg), twice(x_refs), text, s2, twice(e_id), grid=(4, 4))  # noqa: E731
+    twice = lambda a: jnp.concatenate([a, a])
+    full = lambda z2, s2: system.model(z2, twice(x_deg), twice(x_refs), text, s2, twice(e_id), grid=(4, 4))
     z0 = sampling.sample(full, jax.random.normal(key, x_deg.shape), sampling.schedule(3, x_deg.shape[1]), 2.0)
     want = jnp.clip(system.decode(z0, 32, 32), -1, 1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ def base_cdf(law: str, s: np.ndarray, mean: float = 0.0, std: float = 1.0, mode_
         return stats.norm.cdf((np.log(s / (1 - s)) - mean) / std)
     if law == "uniform":
         return s
-    g = lambda u: 1 - u - mode_scale * (np.cos(np.pi * u / 2) ** 2 - 1 + u)  # noqa: E731
+    g = lambda u: 1 - u - mode_scale * (np.cos(np.pi * u / 2) ** 2 - 1 + u)
     lo, hi = np.zeros_like(s), np.ones_like(s)
     for _ in range(60):  # g(u) <= s  <=>  u >= u*(s)
         mid = (lo + hi) / 2

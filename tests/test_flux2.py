@@ -20,6 +20,8 @@ from convert import flux2 as convert_flux2
 from iconface_jax import weights
 from iconface_jax.models import flux2, lora
 
+pytestmark = pytest.mark.parity
+
 CFG = flux2.PRESETS["tiny"]
 GRID = 4  # 4x4 latent tokens per image segment
 

@@ -14,6 +14,8 @@ import pytest
 from conftest import ROOT, env_with, free_port
 from iconface_jax import hosts, sharding
 
+pytestmark = pytest.mark.subprocess
+
 SRUN = dict(SLURM_JOB_ID="77", SLURM_STEP_NODELIST="node[001-002]", SLURM_NTASKS="16", SLURM_PROCID="3",
             SLURM_LOCALID="3")
 MPIRUN = dict(OMPI_COMM_WORLD_SIZE="16", OMPI_COMM_WORLD_RANK="3", OMPI_COMM_WORLD_LOCAL_RANK="3",

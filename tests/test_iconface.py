@@ -26,11 +26,12 @@ def backbone():
 def inputs(refs: int, batch: int = 2, seed: int = 0):
     rng = np.random.default_rng(seed)
     c = flux2.PRESETS["tiny"].in_channels
-    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     e_id = f(batch, 512)
     return dict(scene=f(batch, N, c), degraded=f(batch, N, c), references=f(batch, refs, N, c),
                 text=f(batch, 6, flux2.PRESETS["tiny"].joint_attention_dim),
-                sigma=jnp.asarray([0.3, 0.8][:batch], jnp.float32), e_id=e_id / jnp.linalg.norm(e_id, axis=-1, keepdims=True))
+                sigma=jnp.asarray([0.3, 0.8][:batch], jnp.float32),
+                e_id=e_id / jnp.linalg.norm(e_id, axis=-1, keepdims=True))
 
 
 def backbone_reference(bb, x, refs):
@@ -132,7 +133,7 @@ def test_block_remat_keeps_values_and_gradients(policy):
         model = iconface.IConFace(bb, dataclasses.replace(CFG, reference_cache=cached))
         perturb(model, seed=2)
         graphdef, params, rest = nnx.split(model, iconface.trainable, ...)
-        loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(**x, grid=GRID) ** 2)  # noqa: E731
+        loss = lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(**x, grid=GRID) ** 2)
         return jax.value_and_grad(loss)(params), jax.make_jaxpr(loss)(params)
 
     for cached in (False, True):
@@ -257,11 +258,15 @@ def test_rope_ids_are_the_table_of_design_md(cached, monkeypatch):
     """The RoPE ids the backbone receives, against the table of docs/design.md#hybrid-sequence written out: text
     (0, 0, 0, l), scene (0, h, w, 0), degraded (2, h, w, 0), reference r (10 + r, h, w, 0), on a 2 x 8 grid (rows
     then columns).
-    With the reference cache, [degraded; references] get theirs in the cache pass (no text) and the scene at the step."""
+    With the reference cache, [degraded; references] get theirs in the cache pass (no text) and the scene at the
+    step."""
     seen = []
     real = flux2.Flux2Transformer.conditioning
-    monkeypatch.setattr(flux2.Flux2Transformer, "conditioning", lambda self, timestep, img_ids, txt_ids: (
-        seen.append((np.asarray(img_ids).tolist(), np.asarray(txt_ids).tolist())), real(self, timestep, img_ids, txt_ids))[1])
+    def recording(self, timestep, img_ids, txt_ids):
+        seen.append((np.asarray(img_ids).tolist(), np.asarray(txt_ids).tolist()))
+        return real(self, timestep, img_ids, txt_ids)
+
+    monkeypatch.setattr(flux2.Flux2Transformer, "conditioning", recording)
     model = iconface.IConFace(backbone(), dataclasses.replace(iconface.IConFaceConfig(
         memory_tokens=8, memory_dim=16, pool_heads=2, xattn_rank=8, xattn_heads=2, residual_rank=4),
         reference_cache=cached))
@@ -270,7 +275,7 @@ def test_rope_ids_are_the_table_of_design_md(cached, monkeypatch):
     def segment(t):
         return [[t, h, w, 0] for h in range(2) for w in range(8)]
 
-    text = [[0, 0, 0, l] for l in range(6)]
+    text = [[0, 0, 0, i] for i in range(6)]
     scene, conditioning = segment(0), segment(2) + segment(10) + segment(11)
     assert seen == ([(conditioning, []), (scene, text)] if cached else [(scene + conditioning, text)])
 

@@ -4,7 +4,6 @@ crop, the training data's crop scale), the reduction of 68 points to five, the r
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 
 import numpy as np

@@ -8,6 +8,8 @@ from scipy import signal
 
 from iconface_jax import metrics
 
+pytestmark = pytest.mark.parity
+
 C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
 
@@ -25,7 +27,7 @@ def scipy_ssim(x: np.ndarray, y: np.ndarray) -> float:
     ax = np.arange(11) - 5
     g = np.exp(-(ax**2) / (2 * 1.5**2))
     w = np.outer(g, g) / np.outer(g, g).sum()
-    f = lambda z: signal.correlate2d(z, w, mode="valid")  # noqa: E731
+    f = lambda z: signal.correlate2d(z, w, mode="valid")
     x, y = x.astype(np.float64), y.astype(np.float64)
     mx, my = f(x), f(y)
     vx, vy, cxy = f(x * x) - mx**2, f(y * y) - my**2, f(x * y) - mx * my
@@ -83,7 +85,7 @@ def test_ssim_by_hand():
 @pytest.mark.parametrize("shape", [(24, 20), (37, 41)])
 def test_ssim_matches_pyiqa_formula(shape):
     a, b = tie_free_pair(shape, shape[0])
-    lum = lambda im: np.round(im @ np.array([0.299, 0.587, 0.114]))  # noqa: E731 - exact away from halves
+    lum = lambda im: np.round(im @ np.array([0.299, 0.587, 0.114]))
     assert metrics.ssim(a, b) == pytest.approx(scipy_ssim(lum(a), lum(b)), abs=1e-9)
     rgb = np.mean([scipy_ssim(a[..., c], b[..., c]) for c in range(3)])
     assert metrics.ssim(a, b, channels="rgb") == pytest.approx(rgb, abs=1e-9)

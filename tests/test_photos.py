@@ -16,6 +16,8 @@ from PIL import Image
 from conftest import import_or_skip, on_ci
 from iconface_jax import alignment, landmarks, photos, restore, workdir
 
+pytestmark = pytest.mark.slow
+
 # dlib's five points on deg_4.png (measured once with `landmarks.dlib_faces`, upsample 1): the JSON route's input.
 DEG_4_LANDMARKS = [[587.3, 640.3], [864.3, 631.7], [762.0, 810.0], [556.0, 889.0], [885.0, 884.0]]
 
@@ -61,7 +63,7 @@ def test_assign_matches_by_cosine_and_reports_the_unmatched():
     # References: b (scaled: cosine ignores norm), a, a nearly, c (nobody), b nearly.
     refs = np.stack([3 * b, a, a + 0.1 * c, c, b + 0.3 * c])
     per_face, unused = photos.assign(faces, refs, threshold=0.5, max_refs=3)
-    cos = lambda x, y: x @ y / np.linalg.norm(x) / np.linalg.norm(y)  # noqa: E731
+    cos = lambda x, y: x @ y / np.linalg.norm(x) / np.linalg.norm(y)
     assert [[r for r, _ in p] for p in per_face] == [[1, 2], [0, 4]]  # best first
     assert per_face[0][1][1] == pytest.approx(cos(a, a + 0.1 * c))
     assert [r for r, _ in unused] == [3]
@@ -113,7 +115,8 @@ def test_cli_restores_a_whole_photo_with_json_landmarks(toy_run, shared_dir, tmp
     Image.fromarray(photos.align(ref, ref_face)[0]).save(tmp_path / "ref.png")
     (tmp_path / "lm.json").write_text(json.dumps({"landmarks": DEG_4_LANDMARKS}))
     args = ["--checkpoint", str(toy_run), "--input", str(shared_dir / "faces" / "whole" / "deg_4.png"),
-            "--ref", str(tmp_path / "ref.png"), "--output", str(tmp_path / "out.png"), "--steps", "2", "--mode", "photo",
+            "--ref", str(tmp_path / "ref.png"), "--output", str(tmp_path / "out.png"), "--steps", "2",
+            "--mode", "photo",
             "--landmarks-json", str(tmp_path / "lm.json"), "--save-crops", str(tmp_path / "crops"),
             "--params-json", str(tmp_path / "params.json"), "--match-threshold", "-1"]
     assert restore.main(args) == 0

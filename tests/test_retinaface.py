@@ -18,6 +18,8 @@ from convert import retinaface as convert_retinaface
 from iconface_jax import weights
 from iconface_jax.models import retinaface
 
+pytestmark = pytest.mark.parity
+
 torch = import_or_skip("torch")
 cv2 = import_or_skip("cv2")
 

@@ -87,8 +87,8 @@ def test_a_dtype_numpy_lacks_is_refused_naming_file_and_key(tmp_path, capsys):
     with pytest.raises(SafetensorsError, match=re.escape(message)):
         reader.read("w")
     # Through a converter's command line: an error line, not a traceback, and nothing written.
-    plan = lambda _: ({}, {"w": Entry(("w",), ((4,),)), "b": Entry(("b",), ((2,),))})  # noqa: E731
-    run = lambda src, dst, dtype: convert(src, dst, dtype, "test", plan)  # noqa: E731
+    plan = lambda _: ({}, {"w": Entry(("w",), ((4,),)), "b": Entry(("b",), ((2,),))})
+    run = lambda src, dst, dtype: convert(src, dst, dtype, "test", plan)
     assert cli("test", run, ["--src", str(path), "--dst", str(tmp_path / "out")]) == 1
     assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp8.safetensors"]

@@ -10,6 +10,8 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
 from iconface_jax import flow, sampling
 
+pytestmark = pytest.mark.parity
+
 
 @pytest.mark.parametrize("seq_len,steps", [(1024, 12), (256, 4), (4096, 50), (4608, 12)])
 def test_schedule_matches_diffusers(seq_len, steps):

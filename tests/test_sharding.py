@@ -9,6 +9,8 @@ import pytest
 
 from iconface_jax import sharding
 
+pytestmark = pytest.mark.subprocess
+
 
 def _source(n: int, pulled: list[int], fail_at: int | None = None):
     for i in range(n):

@@ -4,7 +4,6 @@ bucket; what is written only locally refusing `gs://` by name."""
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from conftest import ROOT, losses, run_train
 
 from iconface_jax import evaluate, restore, storage, text, weights
 from iconface_jax.data import latents, pipeline, sources, synthetic
+
+pytestmark = pytest.mark.subprocess
 
 BUCKET = "bkt"
 # `gcp-storage-emulator start ...`, with media downloads that carry the object's generation in `x-goog-generation`
@@ -45,9 +46,9 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(scope="session")
 def gcs_env(tmp_path_factory):
-    """A `gcp-storage-emulator` (`EMULATOR`) on 127.0.0.1 serving bucket `bkt`, and the environment that points gcsfs and the
-    Google clients (`STORAGE_EMULATOR_HOST`) and Orbax's TensorStore (`TENSORSTORE_GCS_HTTP_URL`) at it, also
-    set in this process for the session."""
+    """A `gcp-storage-emulator` (`EMULATOR`) on 127.0.0.1 serving bucket `bkt`, and the environment that points
+    gcsfs and the Google clients (`STORAGE_EMULATOR_HOST`) and Orbax's TensorStore (`TENSORSTORE_GCS_HTTP_URL`) at
+    it, also set in this process for the session."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -8,13 +8,15 @@ import pytest
 
 from conftest import import_or_skip
 
+pytestmark = pytest.mark.parity
+
 torch = import_or_skip("torch")
 transformers = import_or_skip("transformers")
 tokenizers = import_or_skip("tokenizers")
 import_or_skip("diffusers")
 
-from convert import text_embeddings  # noqa: E402
-from iconface_jax import text  # noqa: E402
+from convert import text_embeddings
+from iconface_jax import text
 
 LAYERS = (1, 2, 3)
 MAX_LENGTH = 16

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import ROOT, demo_config, env_with, free_port, losses, run_train, toy_flags
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
+
 # Runs that test something else skip the identity-loss path (decode + AdaFace gradients): less to compile.
 NO_ID = "--config.train.lambda_id=0.0"
 

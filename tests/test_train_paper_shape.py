@@ -16,6 +16,8 @@ from conftest import losses, paper_overrides, run_train
 from iconface_jax import workdir as workdirs
 from iconface_jax import system as face_system
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
+
 STEPS = 4
 # 16 px (4 x 4 tokens), one reference in every batch: every step has the identity loss and one program compiles.
 SHAPE = ["--config.data.resolution=16", "--config.data.ref_count_probs=(0.0,1.0,0.0,0.0)",

@@ -27,6 +27,8 @@ from convert import vae as convert_vae
 from iconface_jax import weights
 from iconface_jax.models import vae
 
+pytestmark = pytest.mark.parity
+
 P = Flux2KleinPipeline
 TINY = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4)

@@ -1,4 +1,5 @@
-"""Weight directories: chunked (streamed) writes round-trip exactly, failures leave nothing, bad directories are named."""
+"""Weight directories: chunked (streamed) writes round-trip exactly, failures leave nothing, bad directories are
+named."""
 from __future__ import annotations
 
 import os
@@ -43,7 +44,7 @@ def test_restore_places_each_array_with_its_sharding(tmp_path):
     params = _params(0)
     weights.save(str(tmp_path / "w"), "tiny", {"n": 1}, params)
     mesh, shapes = sharding.make_mesh(), []
-    place = lambda shape: (shapes.append(shape), sharding.param_sharding(shape, mesh))[1]  # noqa: E731
+    place = lambda shape: (shapes.append(shape), sharding.param_sharding(shape, mesh))[1]
     model = weights.restore(Tiny(), str(tmp_path / "w"), place=place)
     for key, var in weights.base_params(model).items():
         assert var.get_value().sharding == sharding.param_sharding(var.get_value().shape, mesh), key

@@ -25,6 +25,8 @@ from test_storage import BUCKET, gcs_env  # noqa: F401 (a fixture)
 
 from iconface_jax import checkpointing, lock, storage
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
+
 NO_ID = "--config.train.lambda_id=0.0"
 
 
@@ -106,7 +108,7 @@ def test_of_two_trainers_starting_together_one_gets_the_lock(tmp_path):
     assert not (tmp_path / lock.LOCK_FILE).exists()
 
 
-def test_the_lock_works_in_a_bucket(gcs_env):  # noqa: F811 (the fixture)
+def test_the_lock_works_in_a_bucket(gcs_env):
     workdir = f"gs://{BUCKET}/runs/locked"
     storage.path(workdir).mkdir(parents=True, exist_ok=True)
     write_lock(workdir, host="other-host", pid=1)
@@ -165,7 +167,8 @@ def test_a_corrupt_checkpoint_is_named_set_aside_and_the_previous_one_read(three
     out = capsys.readouterr().out
     assert (step, data_state) == (2, {"position": 2}) and float(state["params"]["w"][0, 0]) == 2.0
     assert f"checkpoint of step 3 does not read: {where}" in out
-    assert f"resuming from step 2, the newest checkpoint that reads; set aside: {three_steps}/checkpoints/corrupt/3" in out
+    aside = f"{three_steps}/checkpoints/corrupt/3"
+    assert f"resuming from step 2, the newest checkpoint that reads; set aside: {aside}" in out
     assert (three_steps / "checkpoints" / "corrupt" / "3" / "params").is_dir()
     ckpt.save(4, tiny_state(4), {"position": 4}, force=True)  # keep=3 of the steps it lists, the set-aside one not
     ckpt.close()

@@ -58,7 +58,8 @@ def table(probs: Sequence[float] = DEFAULT_PROBS, batches: Sequence[int] = (1, 4
         "| tokens L | " + " | ".join(str(TEXT_TOKENS + IMAGE_TOKENS * (2 + r)) for r in counts) + " |",
         "| step TFLOP / sample | " + " | ".join(f"{step_flops(r) / 1e12:.1f}" for r in counts) + " |",
         "",
-        "| batching | TFLOP / sample | vs grouped | padding waste | samples/s (H100, MFU %.1f) | compiled shapes |" % mfu,
+        "| batching | TFLOP / sample | vs grouped | padding waste | samples/s (H100, MFU %.1f) | compiled shapes |"
+        % mfu,
         "|---|---|---|---|---|---|",
     ]
     for name, flops, shapes in rows:

@@ -59,7 +59,7 @@ def _splash_sharded(q, k, v, key_mask):
         return _splash(q, k, v, key_mask)
     spec = P(axes) if q.shape[0] % int(np.prod([mesh.shape[a] for a in axes])) == 0 else P()
     args = (q, k, v) + (() if key_mask is None else (key_mask,))
-    per_chip = lambda q, k, v, mask=None: _splash(q, k, v, mask)  # noqa: E731
+    per_chip = lambda q, k, v, mask=None: _splash(q, k, v, mask)
     return jax.shard_map(per_chip, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
 
 
@@ -74,7 +74,7 @@ def _splash(q, k, v, key_mask):
     if pad_k:
         key_mask = jnp.ones((b, lk), bool) if key_mask is None else key_mask
         key_mask = jnp.pad(key_mask, ((0, 0), (0, pad_k)))
-    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
     q, k, v = pad(q, pad_q), pad(k, pad_k), pad(v, pad_k)
     mask = sm.MultiHeadMask([sm.FullMask((lq + pad_q, lk + pad_k)) for _ in range(heads)])
     kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)

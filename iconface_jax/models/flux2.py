@@ -130,7 +130,8 @@ def _with_cached(k: jax.Array, v: jax.Array, cached: KeysValues | None) -> KeysV
     """Keys and values with a cache's appended (softmax does not care where keys sit in the sequence)."""
     if cached is None:
         return k, v
-    return jnp.concatenate([k, cached[0].astype(k.dtype)], axis=1), jnp.concatenate([v, cached[1].astype(v.dtype)], axis=1)
+    return (jnp.concatenate([k, cached[0].astype(k.dtype)], axis=1),
+            jnp.concatenate([v, cached[1].astype(v.dtype)], axis=1))
 
 
 def _with_delta(mod: jax.Array, delta: jax.Array | None) -> jax.Array:
@@ -282,7 +283,7 @@ class ParallelSelfAttention(nnx.Module):
         d = x.shape[-1]
         h = self.to_qkv_mlp_proj(x)
         q, k, v, gate, up = jnp.split(h, [d, 2 * d, 3 * d, 3 * d + self.mlp_hidden], axis=-1)
-        heads = lambda y: y.reshape(*y.shape[:-1], -1, self.head_dim)  # noqa: E731
+        heads = lambda y: y.reshape(*y.shape[:-1], -1, self.head_dim)
         q, k, v = apply_rope(self.norm_q(heads(q)), rope), apply_rope(self.norm_k(heads(k)), rope), heads(v)
         out = attention(q, *_with_cached(k, v, cached), backend=self.backend)
         out = self.to_out(jnp.concatenate([out.reshape(*out.shape[:2], -1), jax.nn.silu(gate) * up], axis=-1))
@@ -336,7 +337,8 @@ class Flux2Transformer(nnx.Module):
     def __init__(self, cfg: Flux2Config, *, precision: Precision = Precision(), rngs: nnx.Rngs,
                  attention_backend: str | None = None, remat: str = "none"):
         if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
-            raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim {cfg.attention_head_dim}")
+            raise ValueError(f"axes_dims_rope {cfg.axes_dims_rope} must sum to attention_head_dim "
+                             f"{cfg.attention_head_dim}")
         if remat != "none" and remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; expected 'none' or one of {sorted(REMAT_POLICIES)}")
         self.config, self.precision, self.remat = cfg, precision, remat

@@ -161,7 +161,7 @@ class Pooler(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = layer_norm(x, self.eps)
         b = x.shape[0]
-        split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # noqa: E731
+        split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)
         q = jnp.broadcast_to(self.queries[...].astype(x.dtype), (b, *self.queries.shape))
         out = attention(split(q), split(self.to_k(x)), split(self.to_v(x)), backend="xla")
         return out.reshape(b, -1, out.shape[-2] * out.shape[-1])
@@ -179,7 +179,7 @@ class MemoryCrossAttention(nnx.Module):
         self.gamma = nnx.Param(jnp.zeros((dim,), jnp.float32))
 
     def __call__(self, h: jax.Array, memory: jax.Array) -> jax.Array:
-        split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)  # noqa: E731
+        split = lambda y: y.reshape(*y.shape[:2], self.heads, -1)
         out = attention(split(self.to_q(layer_norm(h, self.eps))), split(self.to_k(memory)),
                         split(self.to_v(memory)), backend="xla")
         out = self.to_out(out.reshape(*out.shape[:2], -1))
@@ -268,7 +268,7 @@ class IConFace(nnx.Module):
                                 sequence.text_ids(0))
             read = None
             if memory is not None and cfg.memory_readers == "image":
-                read = lambda i, h: self.memory_xattn[i](h, memory)  # noqa: E731
+                read = lambda i, h: self.memory_xattn[i](h, memory)
             _, cache = bb.blocks(tokens, tokens[:, :0], c, delta_double=delta_double, delta_single=delta_single,
                                  after_block=read, keep_cache=True)
             tokens = None

@@ -63,7 +63,8 @@ class BackboneConfig:
     def arch(self) -> str | None:
         """The official depth's name when the config is one of them, else None."""
         default = type(self)()
-        if (self.channels, self.embed_dim, self.input_size) != (default.channels, default.embed_dim, default.input_size):
+        fields = ("channels", "embed_dim", "input_size")
+        if any(getattr(self, f) != getattr(default, f) for f in fields):
             return None
         return next((name for name, units in self.ARCHS.items() if units == self.units), None)
 
