@@ -15,6 +15,14 @@ Writes, atomically (into a sibling temporary directory renamed into place; an ex
   the model the LoRA file applies to.
 - `merged_transformer/` (with `--merged`): the base with the LoRA folded in, diffusers layout; load it
   with `Flux2Transformer2DModel.from_pretrained` and no adapter.
+
+With `--release`, instead, the LoRA alone in the IConFace authors' release format, which their
+`flux_restoration` code loads (`load_lora_checkpoint`, `temporary_lora`): `lora_weights.safetensors` with
+`<BFL module>.lora_A.weight` (R, in), `.lora_B.weight` (out, R) and `.alpha` per module, and
+`adapter_config.json` (`lora_target_preset`, `lora_rank` R, `lora_alpha` R: the scale is folded into B).
+Their fused qkv has one A; where our q, k and v adapters' A differ (after training), R is three times our rank,
+q, k and v each in their own third of A and B, and other modules zero-padded: the same update exactly. Only
+runs their code can run: the `concat` variant (no side pathways), a frozen base, their presets.
 """
 from __future__ import annotations
 
@@ -25,18 +33,21 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
+import safetensors.numpy
 
-from convert.flux2 import diffusers_key
+from convert.flux2 import bfl_source, diffusers_key
 from convert.safetensors_file import Lazy, write_safetensors
 from iconface_jax import weights, workdir
 from iconface_jax.models import flux2, iconface, lora
 from iconface_jax.system import FaceSystem
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
+RELEASE_FILE, RELEASE_CONFIG = "lora_weights.safetensors", "adapter_config.json"  # the authors' release
+RELEASE_PRESETS = ("flux2_klein", "flux2_klein_full")  # our presets that target exactly their presets' modules
 SIDE_FILE = "iconface_side.safetensors"
 TRANSFORMER_FILE = "diffusion_pytorch_model.safetensors"
 SCHEMA_VERSION = 1
@@ -83,6 +94,69 @@ def lora_state(backbone: flux2.Flux2Transformer) -> tuple[dict[str, np.ndarray],
     # LoraConfig keyword arguments; diffusers' pipeline loader builds the adapter's config from exactly these.
     config = {"r": int(rank), "lora_alpha": float(rank), "target_modules": sorted(layers)}
     return tensors, config
+
+
+def release_state(backbone: flux2.Flux2Transformer) -> tuple[dict[str, np.ndarray], int]:
+    """The backbone's LoRA under the release's BFL module names (scale folded into B) and its uniform rank R."""
+    modules: dict[str, list[tuple[int | None, np.ndarray, np.ndarray]]] = {}
+    for name, layer in lora.linears(backbone).items():
+        if layer.lora_a is None:
+            continue
+        module, slot, _ = bfl_source(f"{name}.weight")
+        a = _np(layer.lora_a).astype(np.float32).T  # (r, in)
+        b = (_np(layer.lora_b).astype(np.float32) * layer.lora_scale).T  # (out, r)
+        modules.setdefault(module.removesuffix(".weight"), []).append((slot, a, b))
+    if not modules:
+        raise ValueError("the backbone has no LoRA adapters to export")
+    fused = {}
+    for module, parts in modules.items():
+        parts.sort(key=lambda p: -1 if p[0] is None else p[0])
+        a_s, b_s = [a for _, a, _ in parts], [b for _, _, b in parts]
+        if all(np.array_equal(a, a_s[0]) for a in a_s):  # one A (a single Linear, or q, k, v sharing it)
+            fused[module] = (a_s[0], np.concatenate(b_s))
+        else:  # q, k, v each through its own block: A stacked, B block-diagonal
+            b = np.zeros((sum(x.shape[0] for x in b_s), sum(x.shape[1] for x in b_s)), np.float32)
+            rows = cols = 0
+            for x in b_s:
+                b[rows:rows + x.shape[0], cols:cols + x.shape[1]] = x
+                rows, cols = rows + x.shape[0], cols + x.shape[1]
+            fused[module] = (np.concatenate(a_s), b)
+    rank = max(a.shape[0] for a, _ in fused.values())
+    tensors = {}
+    for module, (a, b) in fused.items():  # zero rows of A and columns of B up to the common rank: no update
+        # C order: `safetensors.numpy.save_file` (0.8) writes a transposed view's buffer as is, scrambling it.
+        tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(np.pad(a, ((0, rank - a.shape[0]), (0, 0))))
+        tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(np.pad(b, ((0, 0), (0, rank - b.shape[1]))))
+        tensors[f"{module}.alpha"] = np.asarray(rank, np.float32)
+    return tensors, rank
+
+
+def check_release(cfg: ml_collections.ConfigDict) -> None:
+    """Raises, in one line saying why, unless the authors' release code can run this run's model."""
+    variant, preset = cfg.model.iconface.variant, cfg.model.lora.targets
+    if variant != "concat":
+        raise ValueError(f"variant {variant!r} has side pathways the authors' release code cannot run; "
+                         f"--release exports only the concat variant")
+    if cfg.model.train_base:
+        raise ValueError("this run trained the base transformer too; the release format holds only a LoRA for "
+                         "the released base")
+    if preset not in RELEASE_PRESETS:
+        raise ValueError(f"LoRA targets {preset!r} have no release preset; theirs are {', '.join(RELEASE_PRESETS)}")
+
+
+def export_release(system: FaceSystem, cfg: ml_collections.ConfigDict, out: str) -> list[str]:
+    """Writes the LoRA in the release format (module docstring) to `out` atomically; returns the paths written."""
+    check_release(cfg)
+    tensors, rank = release_state(system.model.backbone)
+    config = {"lora_target_preset": cfg.model.lora.targets, "lora_rank": rank, "lora_alpha": float(rank)}
+
+    def write(tmp: str) -> None:
+        # safetensors' own writer: the .alpha scalars are 0-d, as their `torch.tensor(alpha)`.
+        safetensors.numpy.save_file(tensors, os.path.join(tmp, RELEASE_FILE), {"format": "pt"})
+        with open(os.path.join(tmp, RELEASE_CONFIG), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+
+    return _write_atomically(out, write)
 
 
 def lora_metadata(config: Mapping) -> dict[str, str]:
@@ -161,13 +235,9 @@ def refuse_existing(out: str) -> None:
 def export(system: FaceSystem, cfg: ml_collections.ConfigDict, step: int, out: str,
            merged: bool = False) -> list[str]:
     """Writes the export of a loaded system (see the module docstring) to `out`; returns the paths written."""
-    out = os.path.abspath(out)
-    refuse_existing(out)
     model = system.model
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
-    try:
+
+    def write(tmp: str) -> None:
         tensors, config = lora_state(model.backbone)
         write_safetensors(os.path.join(tmp, LORA_FILE), tensors, lora_metadata(config))
         side = side_state(model)
@@ -178,6 +248,19 @@ def export(system: FaceSystem, cfg: ml_collections.ConfigDict, step: int, out: s
             _write_transformer(os.path.join(tmp, "base_transformer"), model.backbone, merged=False)
         if merged:
             _write_transformer(os.path.join(tmp, "merged_transformer"), model.backbone, merged=True)
+
+    return _write_atomically(out, write)
+
+
+def _write_atomically(out: str, write: Callable[[str], None]) -> list[str]:
+    """`write(tmp)` into a sibling temporary directory renamed to `out` when done; the paths written."""
+    out = os.path.abspath(out)
+    refuse_existing(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=parent)
+    try:
+        write(tmp)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,18 +276,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--merged", action="store_true", help="also write the transformer with the LoRA folded in")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights even where an EMA was kept")
+    p.add_argument("--release", action="store_true",
+                   help="only the LoRA, in the IConFace authors' release format (concat runs; see above)")
     args = p.parse_args(argv)
+    if args.release and args.merged:
+        p.error("--release writes only the LoRA; --merged does not apply")
     try:
         refuse_existing(args.out)  # before loading: a klein-4B load takes minutes
         system, cfg, step = workdir.load(args.checkpoint, prefer_ema=not args.no_ema)
-        written = export(system, cfg, step, args.out, merged=args.merged)
+        if args.release:
+            written = export_release(system, cfg, args.out)
+        else:
+            written = export(system, cfg, step, args.out, merged=args.merged)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exported the step-{step} model of {args.checkpoint}:", file=sys.stderr)
     for path in written:
         print(f"  {path}", file=sys.stderr)
-    if not cfg.model.train_base:
+    if args.release or not cfg.model.train_base:
         print(f"the LoRA applies to the base transformer {cfg.model.weights!r} was trained on", file=sys.stderr)
     return 0
 
