@@ -86,3 +86,29 @@ def test_release_export_refuses_what_their_code_cannot_run(release, tmp_path, fi
     cfg[section][key] = value
     with pytest.raises(ValueError, match=needle):
         export.check_release(cfg)
+
+
+def write_config(cfg, path) -> str:
+    """`cfg` as a config file `--checkpoint` takes."""
+    path.write_text(f"import json, ml_collections\n\ndef get_config():\n"
+                    f"    return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))\n")
+    return str(path)
+
+
+def test_release_cli(ref, release, tmp_path, capsys):
+    """`--release` from the command line writes what their loader reads back as the fixture's updates; a variant
+    their code cannot run is refused in one line naming the reason, and nothing is written."""
+    checkpoint = write_config(paper_config(release), tmp_path / "concat.py")
+    assert export.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "out"), "--release"]) == 0
+    state, metadata = ref.lora.load_lora_checkpoint(tmp_path / "out")
+    scaling = metadata["lora_alpha"] / metadata["lora_rank"]
+    for name, module in ref.lora.iter_lora_modules(release.transformer):
+        got = state[f"{name}.lora_B.weight"] @ state[f"{name}.lora_A.weight"] * scaling
+        np.testing.assert_allclose(got.numpy(), module.lora_delta().detach().numpy(), rtol=1e-5, atol=1e-7)
+
+    capsys.readouterr()
+    checkpoint = write_config(paper_config(release, "full"), tmp_path / "full.py")
+    assert export.main(["--checkpoint", checkpoint, "--out", str(tmp_path / "full"), "--release"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "concat variant" in err, err
+    assert not (tmp_path / "full").exists()
