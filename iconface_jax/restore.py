@@ -72,15 +72,18 @@ def check_crop(path: str) -> None:
 
 
 def checked_jobs(jobs: list[Job], max_refs: int, mode: str = "crop") -> list[Job]:
-    """The jobs whose inputs can be restored (square and readable, the references readable); each other one is
-    named on stderr with its reason."""
+    """The jobs whose inputs can be restored (readable; in crop mode the input and its references square, as aligned
+    crops are); each other one is named on stderr with its reason."""
     ok = []
     for job in jobs:
         try:
-            if not is_photo(job[0], mode):
-                check_crop(job[0])
+            if is_photo(job[0], mode):
+                check = images.image_size  # a photo's references are found and aligned as its faces are
+            else:
+                check = check_crop  # a crop's references are read as crops too
+                check(job[0])
             for path in job[1][:max_refs]:
-                images.image_size(path)
+                check(path)
             ok.append(job)
         except ValueError as e:
             print(f"skipped: {e}", file=sys.stderr)

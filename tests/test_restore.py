@@ -97,6 +97,18 @@ def test_bad_inputs_name_the_file(workdir, tmp_path, capsys):
     assert "error: --steps must be at least 1 and --max-refs at least 0" in capsys.readouterr().err
 
 
+def test_crop_mode_refuses_non_square_references(tmp_path, capsys):
+    """A crop's reference is read as an aligned crop: a non-square one is refused, never centre-cropped silently;
+    in photo mode it is a photo whose faces are found, so it passes."""
+    deg, ref = face(tmp_path / "deg.png", 32, 0), str(tmp_path / "ref.png")
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(ref)
+    job = (deg, [ref], str(tmp_path / "out.png"))
+    assert restore.checked_jobs([job], max_refs=3) == []
+    assert f"{ref}: 48x40 is not a square aligned face crop" in capsys.readouterr().err
+    assert restore.checked_jobs([job], max_refs=0) == [job]  # references beyond --max-refs are not read
+    assert restore.checked_jobs([job], max_refs=3, mode="photo") == [job]
+
+
 def test_missing_and_corrupt_references_name_the_file(workdir, tmp_path, capsys):
     deg = face(tmp_path / "deg.png", 32, 0)
     corrupt = tmp_path / "corrupt.png"
