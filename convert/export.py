@@ -43,7 +43,7 @@ from convert.flux2 import bfl_source, diffusers_key
 from convert.safetensors_file import Lazy, write_safetensors
 from iconface_jax import weights, workdir
 from iconface_jax.models import flux2, iconface, lora
-from iconface_jax.system import FaceSystem
+from iconface_jax.face_system import FaceSystem
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
 RELEASE_FILE, RELEASE_CONFIG = "lora_weights.safetensors", "adapter_config.json"  # the authors' release

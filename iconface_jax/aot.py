@@ -30,7 +30,7 @@ from absl import app, flags
 from flax import nnx
 from jax.experimental import topologies
 
-from iconface_jax import config, sharding, system as face_system, train
+from iconface_jax import config, face_system, sharding, train
 from iconface_jax.flops import model_flops
 from iconface_jax.models.attention import CUDNN_DTYPES
 from iconface_jax.models.layers import Precision

@@ -29,7 +29,7 @@ from iconface_jax import config, flow, sampling, sequence, text, train
 from iconface_jax.flops import measure_peak, model_flops, train_flops
 from iconface_jax.models import adaface, flux2, iconface, lora, vae
 from iconface_jax.models.layers import Precision
-from iconface_jax.system import FaceSystem
+from iconface_jax.face_system import FaceSystem
 
 
 def _timed(fn, steps: int) -> float:

@@ -57,7 +57,7 @@ from tqdm import tqdm
 from iconface_jax import compilation, images, metrics, sampling, storage, workdir
 from iconface_jax.data import degrade, pipeline, sources, synthetic
 from iconface_jax.models import adaface, arcface
-from iconface_jax.system import FaceSystem
+from iconface_jax.face_system import FaceSystem
 
 SETTINGS_FILE = "settings.json"
 PER_IMAGE_FILE = "per_image.csv"

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from iconface_jax import alignment, images, landmarks, storage
 from iconface_jax.data import sources
-from iconface_jax.system import FaceSystem
+from iconface_jax.face_system import FaceSystem
 
 CROP = 512  # the aligned crop's side: the template's own size and the release's `face_size`
 # Cosine similarity of AdaFace features below which a reference is taken for no face. Same-identity pairs of

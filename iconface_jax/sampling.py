@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iconface_jax import flow
-from iconface_jax.system import FaceSystem, grid_of
+from iconface_jax.face_system import FaceSystem, grid_of
 
 
 def empirical_mu(image_seq_len: int, num_steps: int) -> float:

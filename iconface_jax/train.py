@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from iconface_jax import checkpointing, compilation, config, flops, flow, hosts, images, lock, losses, sampling
 from iconface_jax import sharding, storage
-from iconface_jax import system as face_system
+from iconface_jax import face_system
 from iconface_jax.data import latents, pipeline
 from iconface_jax.models.layers import Precision
 

@@ -9,8 +9,8 @@ import ml_collections
 from flax import nnx
 
 from iconface_jax import checkpointing, config, storage
-from iconface_jax import system as face_system
-from iconface_jax.system import FaceSystem
+from iconface_jax import face_system
+from iconface_jax.face_system import FaceSystem
 
 
 def load(workdir: str, prefer_ema: bool = True, step: int | None = None, lora_init: str = "",

@@ -21,7 +21,7 @@ from conftest import ROOT, rel_err
 from convert import export
 from convert import torch_pathways as tp
 from iconface_jax import sampling, workdir
-from iconface_jax import system as face_system
+from iconface_jax import face_system
 from iconface_jax.models import iconface, lora
 
 pytestmark = pytest.mark.parity

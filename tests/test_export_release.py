@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from conftest import rel_err
 from convert import export
 from iconface_jax import sampling
-from iconface_jax import system as face_system
+from iconface_jax import face_system
 from iconface_jax.models import lora
 from test_lora_release import (GRID, PROMPT, SIZE, Recorder, nchw, paper_config, ref, release,  # noqa: F401
                                their_text_encoder, tokens)

@@ -29,7 +29,7 @@ from convert import lora as convert_lora
 from convert import vae as convert_vae
 from convert.safetensors_file import write_safetensors
 from iconface_jax import config, restore, sampling, sequence, text, weights, workdir
-from iconface_jax import system as face_system
+from iconface_jax import face_system
 from iconface_jax.models import flux2, lora, vae
 
 pytestmark = pytest.mark.parity

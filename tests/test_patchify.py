@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.fft
 
-from iconface_jax import config, system as face_system
+from iconface_jax import config, face_system
 from iconface_jax.models import patchify
 
 

@@ -230,7 +230,7 @@ def test_config_errors_before_compiling(tmp_path, override, message):
 
 def test_codec_and_transformer_channels_must_agree():
     from configs import demo
-    from iconface_jax import system as face_system
+    from iconface_jax import face_system
 
     cfg = demo.get_config()
     cfg.model.autoencoder.factor, cfg.model.autoencoder.bands = 4, ()  # 48 pixel channels, 33-channel transformer

@@ -14,7 +14,7 @@ from flax import nnx
 
 from conftest import losses, paper_overrides, run_train
 from iconface_jax import workdir as workdirs
-from iconface_jax import system as face_system
+from iconface_jax import face_system
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from conftest import demo_config, paper_overrides
-from iconface_jax import system as face_system
+from iconface_jax import face_system
 from iconface_jax import train
 from iconface_jax.models import iconface
 

@@ -49,7 +49,7 @@ def clean_keys(records: Iterable) -> list[Key]:
 
 def precompute(cfg: ml_collections.ConfigDict, out: str, batch_size: int = 16) -> dict:
     """Encodes every clean image of `cfg.data`'s source with `cfg.model`'s autoencoder into `out`."""
-    from iconface_jax import system as face_system  # (not at import: the input pipeline needs no model code)
+    from iconface_jax import face_system  # (not at import: the input pipeline needs no model code)
 
     _require_local(out)
     if os.path.exists(out):
