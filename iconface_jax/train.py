@@ -232,7 +232,10 @@ def main(argv) -> None:
     jax.set_mesh(mesh)  # the context of every program this run compiles (splash attention shards over it)
     t, log = cfg.train, cfg.log
     workdir = storage.path(cfg.workdir)  # local or gs://: every host of a pod writes its checkpoints there
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only disk, a file in the way, a bucket without write access
+        sys.exit(f"config.workdir {cfg.workdir}: cannot be created or written ({e.strerror or e})")
     is_chief = jax.process_index() == 0
     checkpoints = checkpointing.Checkpoints(cfg.workdir, keep=log.keep)
     claim_workdir(cfg, checkpoints)

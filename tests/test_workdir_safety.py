@@ -329,3 +329,13 @@ def test_a_signal_saves_and_exits_128_plus_its_number(tmp_path, signum):
     step = int(rest.split(f"{name} at step ")[1].split(":")[0])
     assert (tmp_path / "checkpoints" / str(step)).is_dir() and not (tmp_path / lock.LOCK_FILE).exists()
     assert np.isfinite(losses(tmp_path)[step])
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
+    """Where the workdir cannot be made (here a file stands in its way: root writes everywhere else), the trainer
+    says so in one line and exits 1, before it builds or compiles anything."""
+    (tmp_path / "file").write_text("")
+    out = run_train(tmp_path / "file" / "run", "--config.train.steps=1", check=False, timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (f"config.workdir {tmp_path}/file/run: cannot be created or written "
+                                                   "(Not a directory)")
