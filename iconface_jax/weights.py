@@ -66,8 +66,11 @@ def save(dst: str, family: str, config: Mapping[str, Any],
     if os.path.exists(dst):
         raise WeightsError(f"destination {dst} already exists; remove it or choose another path")
     parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+    except OSError as e:  # a read-only disk or folder, a file in the way
+        raise WeightsError(f"destination {dst}: cannot write in {parent} ({e.strerror or e})") from None
     try:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump({"family": family, "config": dict(config)}, f, indent=1, default=list)

@@ -315,6 +315,15 @@ def test_existing_destination_is_refused(tmp_path, capsys, dirs):
     assert os.listdir(dst) == ["keep.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
 
 
+def test_unwritable_destination_is_one_line(tmp_path, capsys, dirs):
+    """A destination that cannot be written (here a file stands in the way: root writes everywhere else) is named
+    in one line, not a traceback, and nothing is left behind."""
+    (tmp_path / "file").write_text("")
+    assert convert(dirs["src"], str(tmp_path / "file" / "out")) == 1
+    assert f"destination {tmp_path}/file/out: cannot write in {tmp_path}/file" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["file"]
+
+
 def test_load_refuses_other_families(tmp_path):
     weights.save(str(tmp_path / "w"), "flux2_transformer", {}, {"x": np.zeros(2, np.float32)})
     with pytest.raises(weights.WeightsError, match="flux2_transformer"):
