@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import CustomObject, golden_state, import_or_skip, require, state_from_plan
+from helpers import CustomObject, golden_state, import_or_skip, require, state_from_plan
 from convert import adaface as convert_adaface
 from iconface_jax import weights
 from iconface_jax.models import adaface, recognition
@@ -29,7 +29,7 @@ STAGES = ("input_layer", "stage1", "stage2", "stage3", "stage4")
 
 
 def _official_state(arch: str, fill=None) -> dict:
-    """An official-layout state dict of `arch` (conftest.state_from_plan)."""
+    """An official-layout state dict of `arch` (helpers.state_from_plan)."""
     return state_from_plan(convert_adaface.official_plan(adaface.AdaFaceConfig.from_arch(arch)), fill)
 
 

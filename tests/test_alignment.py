@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import require
+from helpers import require
 from iconface_jax import alignment
 
 pytestmark = pytest.mark.parity

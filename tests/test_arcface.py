@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import SHARED, CustomObject, golden_state, import_or_skip, rel_err, require, state_from_plan
+from helpers import SHARED, CustomObject, golden_state, import_or_skip, rel_err, require, state_from_plan
 from convert import arcface as convert_arcface
 from iconface_jax import weights
 from iconface_jax.models import arcface
@@ -26,7 +26,7 @@ STAGES = ("input_layer", "stage1", "stage2", "stage3", "stage4")
 
 
 def _official_state(arch: str, fill=None) -> dict:
-    """An official-layout state dict of `arch` (conftest.state_from_plan)."""
+    """An official-layout state dict of `arch` (helpers.state_from_plan)."""
     return state_from_plan(convert_arcface.official_plan(arcface.ArcFaceConfig.from_arch(arch)), fill)
 
 

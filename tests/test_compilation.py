@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, env_with, run_train
+from helpers import ROOT, env_with, run_train
 
 pytestmark = pytest.mark.subprocess
 
@@ -59,8 +59,9 @@ def test_environment_directory_wins_and_none_is_off(tmp_path):
 
 
 def test_second_start_of_the_demo_reads_every_program_from_the_cache(toy_run, tmp_path):
-    """The session's toy run (conftest's shared cache) compiled the trainer's programs; a second start of the same
-    config in another workdir reads each one, as JAX itself logs, and says so on its progress lines."""
+    """The session's toy run (in the shared compilation cache, helpers.CACHE) compiled the trainer's programs; a
+    second start of the same config in another workdir reads each one, as JAX itself logs, and says so on its
+    progress lines."""
     out = run_train(tmp_path / "again", "--config.train.steps=6", "--config.log.checkpoint_every=100",
                     "--config.train.stop_at=1", env={"JAX_LOG_COMPILES": "1"})
     hits = out.stderr.count("Persistent compilation cache hit for 'jit_train_step'")

@@ -9,7 +9,7 @@ import sys
 import ml_collections
 import pytest
 
-from conftest import ROOT, demo_config, env_with, toy_flags
+from helpers import ROOT, demo_config, env_with, toy_flags
 from iconface_jax import config
 
 pytestmark = pytest.mark.subprocess

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from conftest import SHARED, require
+from helpers import SHARED, require
 from iconface_jax.data import degrade
 from tools import calibrate_degradations as calibrate
 

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import ROOT, env_with
+from helpers import ROOT, env_with
 from iconface_jax import face_system
 from iconface_jax import train
 from iconface_jax.data import catalog, latents, pipeline

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from helpers import ROOT
 
 from iconface_jax.data import catalog, pipeline, references, synthetic
 from iconface_jax.data.sources import FFHQRefSource, FolderSource

@@ -17,7 +17,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import ROOT, rel_err
+from helpers import ROOT, rel_err
 from convert import export
 from convert import torch_pathways as tp
 from iconface_jax import sampling, workdir

@@ -14,7 +14,7 @@ import torch
 from flax import nnx
 from safetensors.torch import load_file
 
-from conftest import rel_err
+from helpers import rel_err, their_tiny_flux2, write_config
 from convert import export
 from iconface_jax import sampling
 from iconface_jax import face_system
@@ -52,9 +52,7 @@ def test_release_export_runs_in_their_sample_image(ref, release, tmp_path, apart
     degraded = rng.uniform(-1, 1, (1, SIZE, SIZE, 3)).astype(np.float32)
     refs = rng.uniform(-1, 1, (1, 2, SIZE, SIZE, 3)).astype(np.float32)
     recorder, seed = Recorder(release.ae), 11
-    transformer = ref.model.Flux2(ref.model.DebugFlux2Params(  # the release's base, without its adapters
-        in_channels=128, context_in_dim=32, hidden_size=64, num_heads=4, depth=1, depth_single_blocks=2,
-        axes_dim=[4, 4, 4, 4], mlp_ratio=2.0)).eval()
+    transformer = their_tiny_flux2(ref).eval()  # the release's base, without its adapters
     transformer.load_state_dict(load_file(release.root / "flux-2-tiny.safetensors"))
     with ref.lora.temporary_lora(transformer, tmp_path / "export"):
         ref.inference.sample_image(transformer, recorder, their_text_encoder, {"guidance_distilled": False},
@@ -86,13 +84,6 @@ def test_release_export_refuses_what_their_code_cannot_run(release, tmp_path, fi
     cfg[section][key] = value
     with pytest.raises(ValueError, match=needle):
         export.check_release(cfg)
-
-
-def write_config(cfg, path) -> str:
-    """`cfg` as a config file `--checkpoint` takes."""
-    path.write_text(f"import json, ml_collections\n\ndef get_config():\n"
-                    f"    return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))\n")
-    return str(path)
 
 
 def test_release_cli(ref, release, tmp_path, capsys):

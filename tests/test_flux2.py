@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from safetensors.torch import save_file
 
-from conftest import rel_err
+from helpers import rel_err
 from convert import flux2 as convert_flux2
 from iconface_jax import weights
 from iconface_jax.models import flux2, lora

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, env_with, free_port
+from helpers import ROOT, env_with, free_port
 from iconface_jax import hosts, sharding
 
 pytestmark = pytest.mark.subprocess

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import rel_err
+from helpers import rel_err
 from iconface_jax import sequence
 from iconface_jax.models import flux2, iconface, lora
 

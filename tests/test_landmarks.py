@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import import_or_skip, on_ci, require
+from helpers import import_or_skip, on_ci, require
 from iconface_jax import alignment, landmarks
 from test_alignment import theirs  # noqa: F401 (a fixture: the release's face_align module)
 

@@ -22,7 +22,7 @@ from flax import nnx
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import ROOT, rel_err
+from helpers import ROOT, rel_err, their_tiny_flux2, write_config
 from convert import export
 from convert import flux2 as convert_flux2
 from convert import lora as convert_lora
@@ -78,9 +78,7 @@ def release(ref, tmp_path_factory):
     """Their tiny transformer with a random flux2_klein LoRA and AutoEncoder, saved as they save them, converted."""
     root = tmp_path_factory.mktemp("release")
     torch.manual_seed(0)
-    transformer = ref.model.Flux2(ref.model.DebugFlux2Params(
-        in_channels=128, context_in_dim=32, hidden_size=64, num_heads=4, depth=1, depth_single_blocks=2,
-        axes_dim=[4, 4, 4, 4], mlp_ratio=2.0)).eval()
+    transformer = their_tiny_flux2(ref).eval()
     randomise_norms(transformer)
     save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, root / "flux-2-tiny.safetensors")
     ref.lora.inject_lora(transformer, "flux2_klein", rank=RANK, alpha=ALPHA)
@@ -213,9 +211,7 @@ def test_restore_cli_from_config(release, tmp_path, capsys):
     """`restore --checkpoint CONFIG.py --lora-init DIR`: the released model without a training workdir."""
     cfg = paper_config(release)
     cfg.model.lora_init = ""
-    config = tmp_path / "release.py"
-    config.write_text(f"import json, ml_collections\n\ndef get_config():\n"
-                      f"    return ml_collections.ConfigDict(json.loads({cfg.to_json()!r}))\n")
+    config = write_config(cfg, tmp_path / "release.py")
     Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(tmp_path / "deg.png")
     args = ["--checkpoint", str(config), "--input", str(tmp_path / "deg.png"), "--output", str(tmp_path / "out.png")]
     assert restore.main(args) == 1
@@ -240,9 +236,7 @@ def test_restore_cli_from_config(release, tmp_path, capsys):
 def _their_files(ref, root, preset="flux2_klein", config=True, edit=None):
     """A tiny LoRA in their format (as their save writes it), edited by `edit(state, metadata)`."""
     torch.manual_seed(3)
-    model = ref.model.Flux2(ref.model.DebugFlux2Params(in_channels=128, context_in_dim=32, hidden_size=64,
-                                                       num_heads=4, depth=1, depth_single_blocks=2,
-                                                       axes_dim=[4, 4, 4, 4], mlp_ratio=2.0))
+    model = their_tiny_flux2(ref)
     ref.lora.inject_lora(model, preset, rank=RANK, alpha=ALPHA)
     state = ref.lora.get_lora_state_dict(model)
     metadata = {"lora_target_preset": preset, "lora_rank": RANK, "lora_alpha": ALPHA}

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import import_or_skip, on_ci
+from helpers import import_or_skip, on_ci
 from iconface_jax import alignment, landmarks, photos, restore, workdir
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import import_or_skip, rel_err, require
+from helpers import import_or_skip, rel_err, require
 from convert import retinaface as convert_retinaface
 from iconface_jax import weights
 from iconface_jax.models import retinaface

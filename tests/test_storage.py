@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import ROOT, losses, run_train
+from helpers import ROOT, losses, run_train
 
 from iconface_jax import evaluate, restore, storage, text, weights
 from iconface_jax.data import latents, pipeline, sources, synthetic

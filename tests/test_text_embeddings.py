@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import import_or_skip
+from helpers import import_or_skip
 
 pytestmark = pytest.mark.parity
 

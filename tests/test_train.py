@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT, demo_config, env_with, free_port, losses, run_train, toy_flags
+from helpers import ROOT, demo_config, env_with, free_port, losses, run_train, toy_flags
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conftest import losses, paper_overrides, run_train
+from helpers import losses, paper_overrides, run_train
 from iconface_jax import workdir as workdirs
 from iconface_jax import face_system
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import demo_config, paper_overrides
+from helpers import demo_config, paper_overrides
 from iconface_jax import face_system
 from iconface_jax import train
 from iconface_jax.models import iconface

@@ -22,7 +22,7 @@ from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 from flax import nnx
 from safetensors.torch import save_file
 
-from conftest import rel_err as rel
+from helpers import rel_err as rel
 from convert import vae as convert_vae
 from iconface_jax import weights
 from iconface_jax.models import vae

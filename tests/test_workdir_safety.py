@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, env_with, losses, run_train, toy_flags
+from helpers import ROOT, env_with, losses, run_train, toy_flags
 from test_storage import BUCKET, gcs_env  # noqa: F401 (a fixture)
 
 from iconface_jax import checkpointing, lock, storage

@@ -1,9 +1,10 @@
-"""The test suite's own guards: missing shared data or test dependencies skip on a user's machine, fail under CI."""
+"""The test suite's own helpers (tests/helpers.py): missing shared data or test dependencies skip on a user's machine,
+fail under CI."""
 from __future__ import annotations
 
 import pytest
 
-from conftest import import_or_skip, require
+from helpers import import_or_skip, require
 
 
 def test_missing_shared_data_skips_locally_and_fails_under_ci(tmp_path, monkeypatch):
