@@ -3,7 +3,6 @@
     python -m iconface_jax.evaluate --checkpoint WORKDIR --csv test_references.csv --image-dir IMAGES \\
         [--lq-dir LQ] [--refs 0|1|2|3] [--output-dir OUT] [--adaface weights/adaface-ir50] \\
         [--arcface weights/arcface-r50] [--ssim-channels y|rgb]
-    python -m iconface_jax.evaluate --checkpoint runs/demo --synthetic 48 [--refs 1]   # the CPU demo's check
 
 The CSV has FFHQ-Ref's columns: `gt_image`, optional `lq_image`, `ref_image` (a Python list literal of
 file names, the protocol order), and optionally `dataset` (the summary groups rows by it); any other
@@ -30,6 +29,9 @@ stopped and refuses other settings; an unreadable image stops the run naming the
 (and `degraded/` for synthesised inputs), `summary.md` and `summary.csv` (means per dataset in the
 layout of the paper's Table 1, or Table 2 with `--refs 0`), and `contact_sheet.png` (LQ | Ref_1 |
 restored | GT for the first rows).
+
+The CPU demo's check on held-out synthetic identities is `iconface_jax.demo_check`; it shares this command's
+checkpoint and sampler options (`add_checkpoint_options`, `add_run_options`, `parse`, `run`).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from iconface_jax import compilation, images, metrics, sampling, storage, workdir
-from iconface_jax.data import degrade, pipeline, sources, synthetic
+from iconface_jax.data import degrade, sources
 from iconface_jax.models import adaface, arcface
 from iconface_jax.face_system import FaceSystem
 
@@ -381,162 +383,76 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-SYNTHETIC_METRICS = {"psnr": ("PSNR ↑", 2), "ssim": ("SSIM ↑", 4), "trait_mse": ("Trait MSE ↓", 5)}
+def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    """`--checkpoint` and `--lora-init`: the model, as `evaluate` and `demo_check` load it."""
+    p.add_argument("--checkpoint", required=True, help="training workdir (config.json + checkpoints/), or a config "
+                                                       "FILE.py[:ARG] with --lora-init and --output-dir")
+    p.add_argument("--lora-init", default="", help="converted LoRA (python -m convert.lora) the model starts from")
 
 
-def synthetic_cases(cfg: ml_collections.ConfigDict, count: int, refs: int, preset: str = "") -> dict[str, np.ndarray]:
-    """`count` held-out synthetic cases at the run's resolution: identities after the training ones, view 0
-    the target, views 1..refs its references, degraded by `preset` or else the run's degradation mix (seeded
-    by case).
-
-    Returns uint8 `gt`, `deg` (N, S, S, 3), `refs` (N, refs, S, S, 3) and bool `traits` (N, S, S): the pixels
-    of the identity's fine traits (irises, brows, mole, lips, freckles) in the target.
-    """
-    s = pipeline.validation_config(cfg.data).synthetic  # the identities after the training ones
-    source = synthetic.SyntheticSource(count, refs + 1, cfg.data.resolution, s.seed, s.first_identity, s.aligned)
-    degrade_case = degradation_for(cfg, preset)
-    cases = {"gt": [], "deg": [], "refs": [], "traits": []}
-    for i, record in enumerate(source.records[:: refs + 1]):
-        gt, traits = source.fetch(record.gt, with_traits=True)
-        cases["gt"].append(gt)
-        cases["traits"].append(traits)
-        cases["deg"].append(degrade_case(gt, i)[0])
-        cases["refs"].append(np.stack([source.fetch(k) for k in record.refs]) if refs else
-                             np.zeros((0, *gt.shape), np.uint8))
-    return {k: np.stack(v) for k, v in cases.items()}
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options `evaluate` and `demo_check` share after their own: SSIM's channels, the sampler, the contact
+    sheet, the checkpoint's weights and step, the compilation cache."""
+    p.add_argument("--ssim-channels", choices=metrics.SSIM_CHANNELS, default="y",
+                   help="SSIM on luma as pyiqa's default `ssim` (y), or per RGB channel as its `ssimc` (rgb)")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--sheet-rows", type=int, default=8, help="rows of the contact sheet")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights even where an EMA was kept")
+    p.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the latest)")
+    compilation.add_flag(p)
 
 
-def trait_mse(image: np.ndarray, gt: np.ndarray, traits: np.ndarray) -> float:
-    """Mean squared error on the [0, 1] scale over the RGB values of the trait pixels."""
-    diff = image.astype(np.float64) / 255.0 - gt.astype(np.float64) / 255.0
-    return float(np.mean(np.square(diff[traits])))
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """`argv` parsed by `p`, the compilation cache enabled; a config checkpoint without `--output-dir` and a gs://
+    output are refused (exit 2)."""
+    args = p.parse_args(argv)
+    # Only programs that take a second or more to compile (the restoration): eager ops are not worth a file each.
+    compilation.enable(args.compile_cache, min_compile_s=1.0)
+    if args.checkpoint.partition(":")[0].endswith(".py") and not args.output_dir:
+        p.error("a config as --checkpoint needs --output-dir")
+    if storage.is_remote(args.output_dir or args.checkpoint):  # the default output is inside the workdir
+        p.error("results are written to a local --output-dir: name one (the checkpoint may be gs://)")
+    return args
 
 
-def evaluate_synthetic(args: argparse.Namespace) -> int:
-    """Restores held-out synthetic identities without and with references and scores them against the
-    degraded input: PSNR, SSIM and the trait error (what references should fix). The posterior-mean rows
-    (`sampling.posterior_mean`) are the model's regression, which sampling scatters around."""
-    images.check_output_dir(args.output_dir or os.path.join(args.checkpoint, "eval"))  # before the model loads
-    system, cfg, step = workdir.load(args.checkpoint, prefer_ema=not args.no_ema, step=args.step,
-                                     lora_init=args.lora_init)
-    if cfg.data.source != "synthetic":
-        print(f"note: {args.checkpoint} was trained on {cfg.data.source!r} data; evaluating on synthetic faces",
-              file=sys.stderr)
-    refs = args.refs or 1  # the restoration without references always runs too
-    out_dir = args.output_dir or os.path.join(args.checkpoint, "eval",
-                                              f"synthetic{args.synthetic}_refs{refs}_step{step}")
-    os.makedirs(out_dir, exist_ok=True)
-    cases = synthetic_cases(cfg, args.synthetic, refs, args.degradation)
-    print(f"evaluating the step-{step} model of {args.checkpoint} on {args.synthetic} held-out synthetic "
-          f"identities ({refs} reference(s)) -> {out_dir}", file=sys.stderr)
-    sample = nnx.jit(partial(sampling.restore_faces, steps=args.steps, guidance=args.guidance))
-    mean = nnx.jit(sampling.posterior_mean)
-    key, batch = jax.random.PRNGKey(args.seed), 16
-    deg, ref_images = images.to_model(cases["deg"]), images.to_model(cases["refs"])
-    with_refs = f"{refs} reference{'s' if refs > 1 else ''}"
-    outputs = {f"IConFace, {r}": [] for r in ("no references", with_refs)}
-    outputs |= {f"Posterior mean, {r}": [] for r in ("no references", with_refs)}
-    for start in tqdm(range(0, len(deg), batch), unit="batch", file=sys.stderr):
-        chunk = slice(start, start + batch)
-        for name, r in (("no references", ref_images[chunk][:, :0]), (with_refs, ref_images[chunk])):
-            for method, run in (("IConFace", sample), ("Posterior mean", mean)):
-                restored = np.asarray(run(system, jnp.asarray(deg[chunk]), jnp.asarray(r), key))
-                outputs[f"{method}, {name}"].extend(images.from_model(x, x.shape[:2]) for x in restored)
-    methods = {"Input (LQ)": cases["deg"], **{name: np.stack(outs) for name, outs in outputs.items()}}
-
-    per_image, records = [], []
-    for name, restored in methods.items():
-        scores = [{"psnr": metrics.psnr(x, gt), "ssim": metrics.ssim(x, gt, channels=args.ssim_channels),
-                   "trait_mse": trait_mse(x, gt, m)}
-                  for x, gt, m in zip(restored, cases["gt"], cases["traits"])]
-        per_image += [{"method": name, "index": i, **{k: f"{v:.6f}" for k, v in sc.items()}}
-                      for i, sc in enumerate(scores)]
-        records.append({"method": name, "images": len(scores),
-                        **{k: float(np.mean([sc[k] for sc in scores])) for k in SYNTHETIC_METRICS}})
-    table = ["| Method | " + " | ".join(label for label, _ in SYNTHETIC_METRICS.values()) + " |",
-             "|" + "---|" * (len(SYNTHETIC_METRICS) + 1)]
-    table += [f"| {r['method']} | " + " | ".join(f"{r[k]:.{d}f}" for k, (_, d) in SYNTHETIC_METRICS.items()) + " |"
-              for r in records]
-    degraded = f"the {args.degradation} preset" if args.degradation else "the run's degradation mix"
-    text = (f"Held-out synthetic identities, step {step}: {args.synthetic} images at {cfg.data.resolution} px, "
-            f"degraded by {degraded}, {args.steps} steps, guidance {args.guidance}, seed {args.seed}. Posterior "
-            "mean: the model's one-step estimate from sigma 1, what its samples scatter around.\n\n"
-            + "\n".join(table) + "\n")
-    for filename, rows in ((PER_IMAGE_FILE, per_image), ("summary.csv", records)):
-        with open(os.path.join(out_dir, filename), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(text)
-    columns = [cases["deg"], cases["refs"][:, 0], *list(methods.values())[1:3], cases["gt"]]
-    sheet = np.concatenate([np.concatenate(list(c[: args.sheet_rows]), axis=0) for c in columns], axis=1)
-    Image.fromarray(cv2.resize(sheet, None, fx=3, fy=3, interpolation=cv2.INTER_NEAREST)).save(
-        os.path.join(out_dir, "contact_sheet.png"))
-    print(text, end="")
-    print(f"wrote {out_dir}/{{{PER_IMAGE_FILE}, summary.md, summary.csv, contact_sheet.png}} "
-          "(contact sheet: LQ | Ref_1 | no references | with references | GT)", file=sys.stderr)
-    return 0
+def run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """`command(args)`; an OSError or ValueError (a bad file or setting) is one line "error: ..." and exit 1."""
+    try:
+        return command(args)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description="Evaluate IConFace on a benchmark CSV (Ref/GT-ArcFace and -AdaFace, "
                                             "PSNR, SSIM, IQA).")
-    p.add_argument("--checkpoint", required=True, help="training workdir (config.json + checkpoints/), or a config "
-                                                       "FILE.py[:ARG] with --lora-init and --output-dir")
-    p.add_argument("--lora-init", default="", help="converted LoRA (python -m convert.lora) the model starts from")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--csv", help="CSV with gt_image, optional lq_image, ref_image (list literal)")
-    source.add_argument("--synthetic", type=int, metavar="N",
-                        help="instead of a CSV: N held-out synthetic identities, restored without and with --refs "
-                             "references (default 1), scored by PSNR, SSIM and the error on their fine traits")
+    add_checkpoint_options(p)
+    p.add_argument("--csv", required=True, help="CSV with gt_image, optional lq_image, ref_image (list literal)")
     p.add_argument("--image-dir", default="", help="folder the CSV's gt_image (and ref_image) names are relative to")
     p.add_argument("--lq-dir", default="", help="folder of the given degraded images (default: --image-dir)")
     p.add_argument("--ref-dir", default="", help="folder of the references (default: --image-dir)")
-    p.add_argument("--refs", type=int, choices=(0, 1, 2, 3), default=None,
-                   help="references given to the model (default 3; with --synthetic 1)")
+    p.add_argument("--refs", type=int, choices=(0, 1, 2, 3), default=3,
+                   help="references given to the model (default 3)")
     p.add_argument("--output-dir", default="", help="default: CHECKPOINT/eval/<csv name>_refs<k>")
     p.add_argument("--dataset", default="", help="dataset name in the summary for rows without a `dataset` "
                                                  "column (default: the CSV's name)")
     p.add_argument("--method", default="", help="method name in the summary (default: 'IConFace (step N)')")
-    p.add_argument("--degradation", default="",
-                   help="preset for rows without lq_image and for --synthetic (default: the config's mix)")
+    p.add_argument("--degradation", default="", help="preset for rows without lq_image (default: the config's mix)")
     p.add_argument("--adaface", default="", help="converted AdaFace directory for the identity metrics "
                                                  "(default: the run's face encoder)")
     p.add_argument("--arcface", default="", help="converted ArcFace IResNet directory (python -m convert.arcface) "
                                                  "for the Ref-ArcFace and GT-ArcFace columns (default: left empty)")
-    p.add_argument("--ssim-channels", choices=metrics.SSIM_CHANNELS, default="y",
-                   help="SSIM on luma as pyiqa's default `ssim` (y), or per RGB channel as its `ssimc` (rgb)")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--guidance", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N rows (0: all)")
-    p.add_argument("--sheet-rows", type=int, default=8, help="rows of the contact sheet")
     p.add_argument("--no-iqa", action="store_true", help="skip MUSIQ, CLIP-IQA and MANIQA even if pyiqa is present")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights even where an EMA was kept")
-    p.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the latest)")
-    compilation.add_flag(p)
-    args = p.parse_args(argv)
-    # Only programs that take a second or more to compile (the restoration): eager ops are not worth a file each.
-    compilation.enable(args.compile_cache, min_compile_s=1.0)
-    if args.csv and not args.image_dir:
+    add_run_options(p)
+    args = parse(p, argv)
+    if not args.image_dir:
         p.error("--csv needs --image-dir")
-    if args.checkpoint.partition(":")[0].endswith(".py") and not args.output_dir:
-        p.error("a config as --checkpoint needs --output-dir")
-    if storage.is_remote(args.output_dir or args.checkpoint):  # the default output is inside the workdir
-        p.error("results are written to a local --output-dir: name one (the checkpoint may be gs://)")
-    try:
-        if args.synthetic is not None:
-            if args.synthetic < 1 or args.refs == 0:
-                p.error("--synthetic needs at least 1 identity and restores without references anyway: "
-                        "--refs (1-3, default 1) is what the second restoration gets")
-            return evaluate_synthetic(args)
-        args.refs = 3 if args.refs is None else args.refs
-        return evaluate(args)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run(evaluate, args)
 
 
 if __name__ == "__main__":

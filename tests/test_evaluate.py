@@ -1,4 +1,5 @@
-"""Evaluation: pyiqa's offline guard, and the CLI end to end on ../shared/faces (PSNR/SSIM: test_metrics.py)."""
+"""The benchmark evaluation: pyiqa's offline guard, and the CLI end to end on ../shared/faces (PSNR/SSIM:
+test_metrics.py; the CPU demo's synthetic check: test_demo_check.py)."""
 from __future__ import annotations
 
 import csv
@@ -7,15 +8,12 @@ import socket
 import sys
 import types
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
 
-from iconface_jax import evaluate, images, metrics, sampling, weights, workdir
-from iconface_jax.data import synthetic
+from iconface_jax import evaluate, metrics, weights, workdir
 from iconface_jax.models import adaface, arcface
 
 pytestmark = pytest.mark.slow
@@ -129,64 +127,6 @@ def test_bad_rows_name_row_and_file(tmp_path, capsys):
     assert "not a Python list literal" in capsys.readouterr().err
 
 
-def test_trait_mse_by_hand():
-    gt = np.zeros((4, 4, 3), np.uint8)
-    image = gt.copy()
-    image[0, 0] = (255, 0, 0)  # inside the mask: one of 2 pixels x 3 channels is off by 1.0
-    image[3, 3] = 255  # outside the mask: ignored
-    traits = np.zeros((4, 4), bool)
-    traits[0, :2] = True
-    assert evaluate.trait_mse(image, gt, traits) == pytest.approx(1.0 / 6)
-
-
-def test_synthetic_evaluation_end_to_end(toy_run, tmp_path, capsys):
-    out = tmp_path / "synthetic"
-    args = ["--checkpoint", str(toy_run), "--synthetic", "3", "--steps", "2", "--step", "6", "--output-dir", str(out),
-            "--degradation", "moderate"]
-    assert evaluate.main(args) == 0
-    with open(out / "per_image.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["method"] for r in rows] == ["Input (LQ)"] * 3 + ["IConFace, no references"] * 3 + \
-        ["IConFace, 1 reference"] * 3 + ["Posterior mean, no references"] * 3 + ["Posterior mean, 1 reference"] * 3
-    assert all(float(r["trait_mse"]) > 0 and 0 < float(r["psnr"]) < 100 for r in rows)
-    with open(out / "summary.csv") as f:
-        summary = list(csv.DictReader(f))
-    lq = [float(r["psnr"]) for r in rows[:3]]
-    assert float(summary[0]["psnr"]) == pytest.approx(np.mean(lq), abs=1e-5)
-    assert (out / "contact_sheet.png").is_file() and "Trait MSE" in (out / "summary.md").read_text()
-    assert "degraded by the moderate preset" in (out / "summary.md").read_text()
-    # The held-out identities come after the run's training identities, and the inputs are degraded.
-    cfg = workdir.load(str(toy_run))[1]
-    cases = evaluate.synthetic_cases(cfg, 3, 1)
-    assert cases["gt"].shape == (3, 32, 32, 3) and cases["refs"].shape == (3, 1, 32, 32, 3)
-    first = cfg.data.synthetic.num_identities
-    gt = synthetic.render(synthetic.identity_traits(cfg.data.synthetic.seed, first),
-                          synthetic.view_params(cfg.data.synthetic.seed, first, 0), 32)
-    assert np.array_equal(cases["gt"][0], gt) and not np.array_equal(cases["deg"][0], gt)
-    # --degradation picks one preset (the mix draws each case's from the same stream): moderate (2-6x) keeps more
-    # of the target than severe (8-20x), and each mixed case is one of the two.
-    mixed = evaluate.synthetic_cases(cfg, 6, 1)
-    by_preset = {p: evaluate.synthetic_cases(cfg, 6, 1, p)["deg"] for p in ("moderate", "severe")}
-    psnr = {p: np.mean([metrics.psnr(d, g) for d, g in zip(deg, mixed["gt"])]) for p, deg in by_preset.items()}
-    assert psnr["moderate"] > psnr["severe"] + 1, psnr
-    assert all(any(np.array_equal(m, by_preset[p][i]) for p in by_preset) for i, m in enumerate(mixed["deg"]))
-    with pytest.raises(SystemExit):
-        evaluate.main(["--checkpoint", str(toy_run), "--synthetic", "3", "--refs", "0"])
-    assert "--refs (1-3" in capsys.readouterr().err
-
-
-def test_posterior_mean_is_one_unguided_euler_step(toy_run):
-    """From sigma 1 the sampler's single step with guidance 1 lands on z - v, the one-step clean estimate."""
-    system, cfg, _ = workdir.load(str(toy_run))
-    cases = evaluate.synthetic_cases(cfg, 2, 1)
-    deg, refs = jnp.asarray(images.to_model(cases["deg"])), jnp.asarray(images.to_model(cases["refs"]))
-    key = jax.random.PRNGKey(3)
-    mean = sampling.posterior_mean(system, deg, refs, key)
-    one_step = sampling.restore_faces(system, deg, refs, key, steps=1, guidance=1.0)
-    np.testing.assert_allclose(np.asarray(mean), np.asarray(one_step), atol=1e-5)
-    assert float(jnp.abs(mean - sampling.posterior_mean(system, deg, refs[:, :0], key)).max()) > 0
-
-
 def test_ref_columns_use_the_first_reference(tmp_path):
     """Ref-* is the cosine to the row's first reference's features, GT-* to the ground truth's, for the restored
     image and (lq_*) the input: recomputed in numpy with features (the pixels themselves) that tell them apart."""
@@ -218,16 +158,12 @@ def test_cli_defaults_are_the_documented_ones(monkeypatch, tmp_path):
     three references for a CSV (the --refs help), SSIM on luma, the EMA weights, every row, the latest checkpoint
     and the run's own degradation mix, face encoder and no ArcFace."""
     seen = {}
-    for name in ("evaluate", "evaluate_synthetic"):
-        monkeypatch.setattr(evaluate, name, lambda args, name=name: seen.update({name: vars(args)}) or 0)
+    monkeypatch.setattr(evaluate, "evaluate", lambda args: seen.update(vars(args)) or 0)
     assert evaluate.main(["--checkpoint", str(tmp_path), "--csv", "rows.csv", "--image-dir", str(tmp_path)]) == 0
-    assert evaluate.main(["--checkpoint", str(tmp_path), "--synthetic", "4"]) == 0
-    for name, args in seen.items():
-        assert (args["steps"], args["guidance"], args["seed"]) == (12, 4.0, 42), name
-        assert (args["ssim_channels"], args["no_ema"], args["step"]) == ("y", False, None), name
-        assert (args["degradation"], args["adaface"], args["arcface"], args["lora_init"]) == ("",) * 4, name
-    assert seen["evaluate"]["refs"] == 3 and seen["evaluate"]["limit"] == 0 and not seen["evaluate"]["no_iqa"]
-    assert seen["evaluate_synthetic"]["refs"] is None  # its own default, 1: test_synthetic_evaluation_end_to_end
+    assert (seen["steps"], seen["guidance"], seen["seed"]) == (12, 4.0, 42)
+    assert (seen["ssim_channels"], seen["no_ema"], seen["step"]) == ("y", False, None)
+    assert (seen["degradation"], seen["adaface"], seen["arcface"], seen["lora_init"]) == ("",) * 4
+    assert seen["refs"] == 3 and seen["limit"] == 0 and not seen["no_iqa"]
 
 
 def test_unknown_csv_columns_are_refused_naming_typos(tmp_path, capsys, monkeypatch):
@@ -256,7 +192,4 @@ def test_outputs_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatc
     assert f"--output-dir {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
     assert evaluate.main([*base, "--output-dir", str(tmp_path / "out")]) == 1
     assert f"{rows} is the input {rows}: writing it would replace the input" in capsys.readouterr().err
-    assert evaluate.main(["--checkpoint", str(tmp_path), "--synthetic", "2",
-                          "--output-dir", str(tmp_path / "file")]) == 1
-    assert "is a file, not a folder" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv"]
