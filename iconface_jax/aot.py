@@ -22,6 +22,7 @@ import json
 import math
 import re
 import sys
+import threading
 import time
 
 import jax
@@ -142,6 +143,12 @@ def abstract_config(cfg):
     return cfg
 
 
+def planned_batch(batch_size: int, chips: int) -> int:
+    """The global batch a plan for `chips` takes: the config's when the chips divide it, else the next multiple
+    (a slice larger than the batch still gets a plan, at one sample per chip, rather than a refusal)."""
+    return -(-batch_size // chips) * chips
+
+
 def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3), restoration: bool = True) -> dict:
     """Compiles the train step for each reference count and the restoration for `target`; the plan as `main`
     writes it."""
@@ -150,8 +157,10 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
     devices = target_devices(target)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices)
     t, size = cfg.train, cfg.data.resolution
-    if t.batch_size % len(devices):
-        raise ValueError(f"config.train.batch_size={t.batch_size} is not divisible by the {len(devices)} chips")
+    if (planned := planned_batch(t.batch_size, len(devices))) != t.batch_size:
+        print(f"config.train.batch_size={t.batch_size} does not divide the {len(devices)} chips: planning a global "
+              f"batch of {planned} (set --config.train.batch_size to choose)", flush=True)
+        t.batch_size = planned
     system = nnx.eval_shape(lambda: face_system.build(cfg))
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
     tx = train.make_optimizer(t)
@@ -190,7 +199,7 @@ def _measure(name: str, refs: int, global_batch: int, fn, args, mesh, target: Ta
     # Without a device XLA:GPU cannot autotune its Triton GEMM tilings, and for some float32 dots its default
     # finds none ("Couldn't find output tile sizes"): compile those dots as cuBLAS calls.
     options = {"xla_gpu_enable_triton_gemm": False} if target.platform == "cuda" else {}
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), HostMemoryPeak() as host:
         lowered = fn.lower(*args)
         compiled = lowered.compile(options)
     compile_s = time.perf_counter() - start
@@ -201,11 +210,40 @@ def _measure(name: str, refs: int, global_batch: int, fn, args, mesh, target: Ta
     seconds = max(flop / (target.chip.peak_tflops * 1e12), bytes_accessed / (target.chip.hbm_tb_s * 1e12))
     gb = lambda n: round(n / 2**30, 2)
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    print(f"  compiled in {compile_s:.0f} s: {gb(total)} GB per chip, {flop / 1e12:.2f} TFLOP", flush=True)
+    print(f"  compiled in {compile_s:.0f} s (host memory peak {host.peak_gb:.1f} GB): {gb(total)} GB per chip, "
+          f"{flop / 1e12:.2f} TFLOP", flush=True)
     return dict(name=name, R=refs, global_batch=global_batch, compile_s=round(compile_s, 1),
+                host_peak_gb=round(host.peak_gb, 2),
                 arguments_gb=gb(m.argument_size_in_bytes), temp_gb=gb(m.temp_size_in_bytes), total_gb=gb(total),
                 tflop=round(flop / 1e12, 3), bytes_accessed_gb=gb(bytes_accessed), roofline_ms=round(seconds * 1e3, 2),
                 roofline_samples_per_s=round(global_batch / seconds, 2) if seconds else None)
+
+
+class HostMemoryPeak:
+    """The process's peak resident memory while the block runs (sampled every 0.1 s from /proc; a compile's
+    peak lasts seconds). `ru_maxrss` cannot tell one program from the next: it never falls."""
+
+    def __init__(self):
+        self.peak_gb, self._stop = 0.0, threading.Event()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while True:
+            with open("/proc/self/statm") as f:
+                self.peak_gb = max(self.peak_gb, int(f.read().split()[1]) * page / 2**30)
+            if self._stop.wait(0.1):
+                return
+
+    def __enter__(self) -> "HostMemoryPeak":
+        if os.path.exists("/proc/self/statm"):
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if hasattr(self, "_thread"):
+            self._thread.join()
 
 
 def _cost(lowered, compiled, target: Target) -> dict:
@@ -232,10 +270,11 @@ def print_plan(plan: dict, target: Target) -> None:
     if target.platform == "cuda":
         print("cuDNN's workspace is not in the memory plan (it is sized on a device); FLOPs by XLA's CPU cost "
               "model on the lowered program over the chips, cuDNN attention by formula")
-    print(f"{'program':<20}{'B':>5}{'compile s':>11}{'args GB':>9}{'temp GB':>9}{'total GB':>10}{'TFLOP':>9}"
-          f"{'HBM GB':>9}{'ms':>9}{'samples/s':>11}")
+    print(f"{'program':<20}{'B':>5}{'compile s':>11}{'host GB':>9}{'args GB':>9}{'temp GB':>9}{'total GB':>10}"
+          f"{'TFLOP':>9}{'HBM GB':>9}{'ms':>9}{'samples/s':>11}")
     for r in plan["programs"]:
-        print(f"{r['name']:<20}{r['global_batch']:>5}{r['compile_s']:>11.1f}{r['arguments_gb']:>9.2f}"
+        print(f"{r['name']:<20}{r['global_batch']:>5}{r['compile_s']:>11.1f}{r.get('host_peak_gb', 0):>9.1f}"
+              f"{r['arguments_gb']:>9.2f}"
               f"{r['temp_gb']:>9.2f}{r['total_gb']:>10.2f}{r['tflop']:>9.2f}{r['bytes_accessed_gb']:>9.1f}"
               f"{r['roofline_ms']:>9.1f}{r['roofline_samples_per_s'] or 0:>11.2f}")
 
@@ -266,7 +305,8 @@ def main(argv) -> None:
         with open(_OUT.value, "w") as f:
             json.dump(plan, f, indent=1)
     if problems := too_big(plan):
-        sys.exit("does not fit:\n  " + "\n  ".join(problems))
+        sys.exit("does not fit:\n  " + "\n  ".join(problems) + "\nshard the frozen weights over more chips "
+                 "(--config.mesh.fsdp=N) or rematerialise the blocks (--config.model.remat=full)")
 
 
 if __name__ == "__main__":

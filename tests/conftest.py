@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from helpers import ROOT, SHARED, require, run_train  # noqa: F401 (ROOT: tests/test_aot.py imports it from here)
+from helpers import SHARED, require, run_train
 
 # Test programs are compiled cold and run for a few steps: XLA:CPU's LLVM at -O0 compiles them much faster
 # (a cold toy trainer run 76 s -> 46 s, same losses). Set before JAX starts; subprocesses inherit it.

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from absl import flags
 from absl.testing import flagsaver
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import ROOT
+from helpers import ROOT
 from iconface_jax import aot
 from iconface_jax.models import attention
 
@@ -157,3 +158,19 @@ def test_command_compiles_only_the_programs_named(monkeypatch, tmp_path):
     assert [p["name"] for p in json.loads((tmp_path / "plan.json").read_text())["programs"]] == ["train R=3"]
     with flagsaver.flagsaver(), pytest.raises(SystemExit, match="--references=0,three"):
         aot.main(flags.FLAGS(argv + ["--references=0,three"]))
+
+
+@pytest.mark.parametrize("batch, chips, planned", [(16, 4, 16), (16, 64, 64), (96, 64, 128), (1, 1, 1)])
+def test_a_batch_the_slice_cannot_split_is_planned_at_the_next_multiple(batch, chips, planned):
+    assert aot.planned_batch(batch, chips) == planned
+
+
+def test_host_memory_peak_sees_an_allocation_inside_the_block():
+    """The sampler reports the block's peak, which a 400 MB array held for 0.5 s raises by about its size."""
+    with aot.HostMemoryPeak() as idle:
+        time.sleep(0.3)
+    with aot.HostMemoryPeak() as busy:
+        block = np.ones(400 * 2**20 // 8)
+        time.sleep(0.5)
+        del block
+    assert busy.peak_gb - idle.peak_gb > 0.3, (idle.peak_gb, busy.peak_gb)
