@@ -26,7 +26,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
     """A (data, fsdp) mesh over `devices` (default: all devices of all processes); -1 means 'the rest'.
 
     `jax.make_mesh` lays the axes on the chips' physical topology (an fsdp group on neighbouring TPU chips),
-    which a reshape of the device list does not. Devices of several slices (TPU slices, or GPU hosts: JAX
+    which a reshape of the device list does not; an fsdp size that is no product of whole physical axes (4 on an
+    8x8 torus) splits one, still along neighbouring chips. Devices of several slices (TPU slices, or GPU hosts: JAX
     gives each its own `slice_index`) have no fast links between them, and `jax.make_mesh` refuses them: then
     each fsdp group stays inside one slice and `data` spans the slices. The axes are Auto: the trainer places
     arrays by in/out shardings, not by sharding-in-types (this JAX's default is Explicit)."""
@@ -41,7 +42,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
     axis_types = (AxisType.Auto, AxisType.Auto)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices == 1:
-        return jax.make_mesh((data, fsdp), MESH_AXES, axis_types, devices=devices)
+        try:
+            return jax.make_mesh((data, fsdp), MESH_AXES, axis_types, devices=devices)
+        except NotImplementedError:  # fsdp=4 on an 8x8 torus: the group takes half of one physical axis
+            grid = mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
+            return Mesh(grid, MESH_AXES, axis_types=axis_types)
     if data % slices:
         raise ValueError(f"mesh fsdp={fsdp} does not fit in one of the {slices} slices (hosts) of {n // slices} "
                          "devices: an fsdp group must not span the slow links between them")

@@ -109,3 +109,21 @@ def test_splash_under_a_mesh_equals_xla():
     for batch, per_chip in [("4", "f32[1,136,2,64]"), ("2", "f32[2,136,2,64]")]:
         for jaxpr in result["jaxprs"][batch]:
             assert "shard_map" in jaxpr and per_chip in jaxpr, jaxpr[:2000]
+
+
+@pytest.mark.tpu
+def test_an_fsdp_group_may_split_a_physical_axis():
+    """fsdp=4 on a v6e-64 (an 8x8 torus) is no product of whole physical axes, which `jax.make_mesh` refuses;
+    the mesh splits one axis instead, each fsdp group a line of four neighbouring chips."""
+    pytest.importorskip("libtpu")
+    from iconface_jax import aot
+
+    devices = aot.target_devices(aot.parse_target("v6e-64"))
+    mesh = sharding.make_mesh(-1, 4, devices)
+    assert dict(mesh.shape) == {"data": 16, "fsdp": 4}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+    for group in mesh.devices:
+        coords = np.array([d.coords for d in group])
+        moving = np.flatnonzero(coords.max(0) != coords.min(0))
+        assert len(moving) == 1 and sorted(coords[:, moving[0]]) == list(range(coords[:, moving[0]].min(),
+                                                                              coords[:, moving[0]].min() + 4))
