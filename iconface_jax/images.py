@@ -1,4 +1,9 @@
-"""Image files and the model's pixel convention: uint8 RGB on disk, float [-1, 1] inside the model."""
+"""Image files and the model's pixel convention: uint8 RGB on disk, float [-1, 1] inside the model.
+
+`decode_image` is the one decoder of image files: training images (`data.sources`), aligned crops to restore
+(`read_face`) and whole photos (`photos.read_photo`) all come to uint8 RGB through it, so a grayscale, palette,
+RGBA/LA (composited over white), 16-bit or CMYK file gives the same pixels whichever way it arrives.
+"""
 from __future__ import annotations
 
 import io
@@ -8,12 +13,99 @@ from collections.abc import Iterable
 import cv2
 import numpy as np
 from etils import epath
-from PIL import Image
+from PIL import Image, ImageOps
 
 from iconface_jax import storage
-from iconface_jax.data import sources
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class ImageError(Exception):
+    """An image that cannot be used; `kind` is `unreadable` or `too_small` (the data pipeline counts them by kind)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def decode_image(data: str | bytes | np.ndarray, draft: int = 0) -> tuple[np.ndarray, bool]:
+    """An image file (path, local or gs://), its encoded bytes or a decoded array as uint8 RGB (H, W, 3), EXIF
+    orientation applied, and whether a mode conversion happened (grayscale, palette, alpha, 16-bit, CMYK).
+
+    `draft`: the side the image will be resized down to, if known; a JPEG then decodes straight to the smallest
+    power-of-two reduction whose sides are no smaller (0: full size). Raises `ImageError` (kind `unreadable`) for
+    corrupt, truncated or unsupported data.
+    """
+    if isinstance(data, np.ndarray):
+        return _array_to_rgb(data)
+    try:
+        if isinstance(data, str) and storage.is_remote(data):
+            data = storage.path(data).read_bytes()  # one request; PIL would read the object piece by piece
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            # 48-bit RGB PNGs open as 8-bit RGB (Pillow keeps the high byte): a conversion all the same.
+            deep = any(";16" in str(tile[3]) for tile in img.tile)
+            if draft:
+                img.draft("RGB", (draft, draft))
+            img.load()  # raises on truncated data, unlike OpenCV, which pads silently
+            rgb, converted = _pil_to_rgb(ImageOps.exif_transpose(img))
+            return rgb, converted or deep
+    except ImageError:
+        raise
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
+        raise ImageError("unreadable", f"{type(e).__name__}: {e}") from None
+
+
+def _pil_to_rgb(img: Image.Image) -> tuple[np.ndarray, bool]:
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img), False
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
+        # Composite over white: the colour under transparent pixels is arbitrary.
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB")), True
+    if mode.startswith("I") or mode == "F":
+        return _array_to_rgb(np.asarray(img))
+    if mode in ("L", "P", "1", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(img.convert("RGB")), True
+    raise ImageError("unreadable", f"unsupported image mode {mode}")
+
+
+def _array_to_rgb(a: np.ndarray) -> tuple[np.ndarray, bool]:
+    """uint8/uint16/int32 arrays of shape (H, W), (H, W, 1|3|4) to RGB uint8."""
+    converted = False
+    if a.dtype != np.uint8:
+        if a.dtype.kind not in "ui":
+            raise ImageError("unreadable", f"unsupported sample type {a.dtype}")
+        # 16-bit samples (PIL's 32-bit 'I' mode also holds 16-bit data) to 8 bits, rounded.
+        top = 65535.0 if a.dtype == np.uint16 or a.max(initial=0) > 255 else 255.0
+        a = np.clip(np.rint(a.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+        converted = True
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4):
+        raise ImageError("unreadable", f"unsupported array shape {a.shape}")
+    if a.shape[2] in (2, 4):  # alpha over white
+        alpha = a[..., -1:].astype(np.float32) / 255.0
+        a = np.rint(a[..., :-1] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        converted = True
+    if a.shape[2] == 1:
+        a = np.repeat(a, 3, axis=2)
+        converted = True
+    return np.ascontiguousarray(a), converted
+
+
+def square_resize(img: np.ndarray, resolution: int) -> np.ndarray:
+    """Centre-crop to a square and resize (area when shrinking, bicubic when enlarging)."""
+    h, w = img.shape[:2]
+    if h != w:
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        img = img[top:top + s, left:left + s]
+    if img.shape[0] == resolution:
+        return img
+    flag = cv2.INTER_AREA if img.shape[0] > resolution else cv2.INTER_CUBIC
+    return cv2.resize(img, (resolution, resolution), interpolation=flag)
 
 
 def to_model(image: np.ndarray) -> np.ndarray:
@@ -33,8 +125,8 @@ def read_face(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]]:
         data = storage.path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-        rgb, _ = sources.decode(data, size, 1)
-    except (OSError, sources.ImageError) as e:
+        rgb = square_resize(decode_image(data, draft=size)[0], size)
+    except (OSError, ImageError) as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
     return to_model(rgb), (height, width)
 

@@ -11,7 +11,6 @@ are). Faces with the same number of references restore in one batch, through one
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import time
@@ -20,10 +19,9 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from PIL import Image, ImageOps
+from PIL import Image
 
-from iconface_jax import alignment, images, landmarks, storage
-from iconface_jax.data import sources
+from iconface_jax import alignment, images, landmarks
 from iconface_jax.face_system import FaceSystem
 
 CROP = 512  # the aligned crop's side: the template's own size and the release's `face_size`
@@ -75,12 +73,11 @@ def given_faces(points: Sequence[np.ndarray]) -> list[Face]:
 
 
 def read_photo(path: str) -> np.ndarray:
-    """An image file at full size as uint8 RGB (EXIF orientation applied), local or gs://; errors name the file."""
+    """An image file at full size as uint8 RGB (EXIF orientation applied; grayscale, alpha, 16-bit, palette and CMYK
+    converted by `images.decode_image`, as training reads them), local or gs://; errors name the file."""
     try:
-        with Image.open(io.BytesIO(storage.path(path).read_bytes())) as img:
-            img.load()
-            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
-    except OSError as e:
+        return images.decode_image(path)[0]
+    except images.ImageError as e:
         raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
@@ -112,7 +109,7 @@ def reference_crops(path: str, finder: Finder | None, crop_scale: float = alignm
     `finder` finds in it (named `path#k` from the second on). Raises where a photo has no face or no finder."""
     photo = read_photo(path)
     if is_aligned(photo):
-        return [(path, sources.square_resize(photo, CROP))]
+        return [(path, images.square_resize(photo, CROP))]
     if finder is None:
         raise ValueError(f"{path}: a {photo.shape[1]}x{photo.shape[0]} photo, not an aligned square crop; "
                          f"whole-photo references need a face finder (--detector DIR or --landmarks dlib)")
@@ -185,7 +182,7 @@ def restore_photo(system: FaceSystem, run: Restorer, photo: np.ndarray, faces: S
     seconds["align"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    to_model = lambda crops: np.stack([images.to_model(sources.square_resize(c, size)) for c in crops])
+    to_model = lambda crops: np.stack([images.to_model(images.square_resize(c, size)) for c in crops])
     face_in = to_model([crop for crop, _ in aligned])
     ref_in = to_model([crop for _, crop in references]) if references else np.zeros((0, size, size, 3), np.float32)
     embed = np.asarray(_embed(system, np.concatenate([face_in, ref_in])))

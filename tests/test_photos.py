@@ -15,6 +15,7 @@ from PIL import Image
 
 from helpers import import_or_skip, on_ci
 from iconface_jax import alignment, landmarks, photos, restore, workdir
+from iconface_jax.data import sources
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +72,26 @@ def test_assign_matches_by_cosine_and_reports_the_unmatched():
     per_face, unused = photos.assign(faces, refs, threshold=0.5, max_refs=1)  # the weaker match dropped, reported
     assert [[r for r, _ in p] for p in per_face] == [[1], [0]]
     assert [r for r, _ in unused] == [2, 3, 4]
+
+
+def test_read_photo_converts_16_bit_and_alpha_as_training_does(tmp_path):
+    """A 16-bit grayscale PNG and an RGBA PNG read as whole photos: 16-bit samples scaled to 8 bits (not clipped),
+    alpha composited over white (not dropped), the same pixels the training decoder reads from the same files."""
+    gray = np.tile(np.array([0, 257 * 40, 40000, 65535], np.uint16), (8, 2))  # (8, 8)
+    cv2.imwrite(str(tmp_path / "g16.png"), gray)
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = (200, 30, 0)
+    rgba[:4, :, 3] = 255  # top opaque, then a fifth opaque, then transparent
+    rgba[4:6, :, 3] = 51
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    want = {"g16.png": np.repeat(np.tile(np.array([0, 40, 156, 255], np.uint8), (8, 2))[..., None], 3, axis=2),
+            "rgba.png": np.array([[(200, 30, 0)] * 8] * 4 + [[(244, 210, 204)] * 8] * 2 + [[(255, 255, 255)] * 8] * 2,
+                                 np.uint8)}
+    for name, expected in want.items():
+        photo = photos.read_photo(str(tmp_path / name))
+        assert photo.dtype == np.uint8, name
+        np.testing.assert_array_equal(photo, expected, err_msg=name)
+        np.testing.assert_array_equal(photo, sources.decode(str(tmp_path / name), 8, 1)[0], err_msg=name)
 
 
 def test_params_json_is_the_releases_and_reads_back(shared_dir, tmp_path):

@@ -17,29 +17,27 @@ indexing, by kind). Paths (CSV, split file, image folders, images) may be local 
 Bad inputs never stop a run and are never silent. Indexing skips CSV rows naming missing files and
 targets with no usable reference, counting them in `issues` and logging one warning per source.
 `decode` converts what has a right conversion (grayscale, palette, RGBA/LA over white, 16-bit, CMYK
--> RGB uint8) and raises `ImageError` (kind `unreadable` or `too_small`) for corrupt, truncated,
-unsupported or tiny images; the pipeline counts those, logs them and substitutes deterministically.
+-> RGB uint8, through `images.decode_image`, as whole photos and crops to restore are read) and raises
+`ImageError` (kind `unreadable` or `too_small`) for corrupt, truncated, unsupported or tiny images; the
+pipeline counts those, logs them and substitutes deterministically.
 """
 from __future__ import annotations
 
 import ast
 import dataclasses
-import io
 import logging
 import os
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Any, Protocol
 
-import cv2
 import numpy as np
-from PIL import Image, ImageOps
 
 from iconface_jax import storage
+from iconface_jax.images import IMAGE_EXTS, ImageError, decode_image, square_resize
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 ISSUE_KINDS = ("unreadable", "too_small", "converted")  # counted per image read by the pipeline
 
 Key = Hashable  # a path (str) or an index (int), whatever the source's `fetch` takes
@@ -65,102 +63,20 @@ class Source(Protocol):
         """The image behind `key`: a file path, encoded bytes or a uint8 array."""
 
 
-class ImageError(Exception):
-    """An image the pipeline cannot use; `kind` is `unreadable` or `too_small`."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
 # ----------------------------------------------------------------------------- decoding
 
 
 def decode(data: str | bytes | np.ndarray, resolution: int, min_side: int) -> tuple[np.ndarray, bool]:
     """Decode to a (resolution, resolution, 3) uint8 RGB image, centre-cropped to a square.
 
-    Returns the image and whether a mode conversion happened (grayscale, alpha, 16-bit, palette,
-    CMYK). Raises `ImageError` for unreadable data or a shorter side below `min_side`.
+    Returns the image and whether a mode conversion happened (`images.decode_image`). Raises `ImageError` for
+    unreadable data or a shorter side below `min_side`.
     """
-    if isinstance(data, np.ndarray):
-        rgb, converted = _array_to_rgb(data)
-    else:
-        rgb, converted = _decode_file(data, resolution)
+    rgb, converted = decode_image(data, draft=resolution)
     h, w = rgb.shape[:2]
     if min(h, w) < min_side:
         raise ImageError("too_small", f"{w}x{h} is below the minimum side {min_side}")
     return square_resize(rgb, resolution), converted
-
-
-def _decode_file(data: str | bytes, resolution: int) -> tuple[np.ndarray, bool]:
-    try:
-        if isinstance(data, str) and storage.is_remote(data):
-            data = storage.path(data).read_bytes()  # one request; PIL would read the object piece by piece
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            # 48-bit RGB PNGs open as 8-bit RGB (Pillow keeps the high byte): a conversion all the same.
-            deep = any(";16" in str(tile[3]) for tile in img.tile)
-            # JPEG can decode straight to a power-of-two reduction no smaller than the target.
-            img.draft("RGB", (resolution, resolution))
-            img.load()  # raises on truncated data, unlike OpenCV, which pads silently
-            rgb, converted = _pil_to_rgb(ImageOps.exif_transpose(img))
-            return rgb, converted or deep
-    except ImageError:
-        raise
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
-        raise ImageError("unreadable", f"{type(e).__name__}: {e}") from None
-
-
-def _pil_to_rgb(img: Image.Image) -> tuple[np.ndarray, bool]:
-    mode = img.mode
-    if mode == "RGB":
-        return np.asarray(img), False
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
-        # Composite over white: the colour under transparent pixels is arbitrary.
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB")), True
-    if mode.startswith("I") or mode == "F":
-        return _array_to_rgb(np.asarray(img))
-    if mode in ("L", "P", "1", "CMYK", "YCbCr", "LAB", "HSV"):
-        return np.asarray(img.convert("RGB")), True
-    raise ImageError("unreadable", f"unsupported image mode {mode}")
-
-
-def _array_to_rgb(a: np.ndarray) -> tuple[np.ndarray, bool]:
-    """uint8/uint16/int32 arrays of shape (H, W), (H, W, 1|3|4) to RGB uint8."""
-    converted = False
-    if a.dtype != np.uint8:
-        if a.dtype.kind not in "ui":
-            raise ImageError("unreadable", f"unsupported sample type {a.dtype}")
-        # 16-bit samples (PIL's 32-bit 'I' mode also holds 16-bit data) to 8 bits, rounded.
-        top = 65535.0 if a.dtype == np.uint16 or a.max(initial=0) > 255 else 255.0
-        a = np.clip(np.rint(a.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
-        converted = True
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4):
-        raise ImageError("unreadable", f"unsupported array shape {a.shape}")
-    if a.shape[2] in (2, 4):  # alpha over white
-        alpha = a[..., -1:].astype(np.float32) / 255.0
-        a = np.rint(a[..., :-1] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-        converted = True
-    if a.shape[2] == 1:
-        a = np.repeat(a, 3, axis=2)
-        converted = True
-    return np.ascontiguousarray(a), converted
-
-
-def square_resize(img: np.ndarray, resolution: int) -> np.ndarray:
-    """Centre-crop to a square and resize (area when shrinking, bicubic when enlarging)."""
-    h, w = img.shape[:2]
-    if h != w:
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        img = img[top:top + s, left:left + s]
-    if img.shape[0] == resolution:
-        return img
-    flag = cv2.INTER_AREA if img.shape[0] > resolution else cv2.INTER_CUBIC
-    return cv2.resize(img, (resolution, resolution), interpolation=flag)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -301,7 +217,7 @@ class FolderSource:
             if not storage.path(folder).is_dir():
                 continue
             images = [os.path.join(folder, n) for n in _listing(folder)
-                      if n.lower().endswith(IMAGE_EXTENSIONS) and storage.path(os.path.join(folder, n)).is_file()]
+                      if n.lower().endswith(IMAGE_EXTS) and storage.path(os.path.join(folder, n)).is_file()]
             if len(images) < 2:
                 issues["no_usable_reference"] += len(images)
                 continue
