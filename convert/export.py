@@ -37,7 +37,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
-import safetensors.numpy
 
 from convert.flux2 import bfl_source, diffusers_key
 from convert.safetensors_file import Lazy, write_safetensors
@@ -124,9 +123,8 @@ def release_state(backbone: flux2.Flux2Transformer) -> tuple[dict[str, np.ndarra
     rank = max(a.shape[0] for a, _ in fused.values())
     tensors = {}
     for module, (a, b) in fused.items():  # zero rows of A and columns of B up to the common rank: no update
-        # C order: `safetensors.numpy.save_file` (0.8) writes a transposed view's buffer as is, scrambling it.
-        tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(np.pad(a, ((0, rank - a.shape[0]), (0, 0))))
-        tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(np.pad(b, ((0, 0), (0, rank - b.shape[1]))))
+        tensors[f"{module}.lora_A.weight"] = np.pad(a, ((0, rank - a.shape[0]), (0, 0)))
+        tensors[f"{module}.lora_B.weight"] = np.pad(b, ((0, 0), (0, rank - b.shape[1])))
         tensors[f"{module}.alpha"] = np.asarray(rank, np.float32)
     return tensors, rank
 
@@ -151,8 +149,9 @@ def export_release(system: FaceSystem, cfg: ml_collections.ConfigDict, out: str)
     config = {"lora_target_preset": cfg.model.lora.targets, "lora_rank": rank, "lora_alpha": float(rank)}
 
     def write(tmp: str) -> None:
-        # safetensors' own writer: the .alpha scalars are 0-d, as their `torch.tensor(alpha)`.
-        safetensors.numpy.save_file(tensors, os.path.join(tmp, RELEASE_FILE), {"format": "pt"})
+        # The .alpha scalars are 0-d (shape []), as their `torch.tensor(alpha)` saves; the padded A and B may be in
+        # Fortran order (np.pad of a transpose), which the writer writes in C order.
+        write_safetensors(os.path.join(tmp, RELEASE_FILE), tensors, {"format": "pt"})
         with open(os.path.join(tmp, RELEASE_CONFIG), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
 

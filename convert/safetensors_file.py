@@ -81,7 +81,8 @@ class Lazy:
 
 
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray | Lazy], metadata: Mapping[str, str]) -> None:
-    """Writes a safetensors file (little-endian, 8-byte aligned header) without torch or `safetensors`."""
+    """Writes a safetensors file (little-endian, 8-byte aligned header) without torch or `safetensors`: arrays of
+    any memory order in C order, 0-d arrays with shape []."""
     header: dict = {"__metadata__": dict(metadata)}
     specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
     offset = 0
@@ -100,8 +101,9 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray | Lazy], metad
         f.write(raw)
         for name in sorted(specs):
             t = tensors[name]
-            array = np.ascontiguousarray(t.make() if isinstance(t, Lazy) else t)
+            # Not `np.ascontiguousarray`, which makes a 0-d array 1-d; `tobytes` writes any view in C order.
+            array = np.asarray(t.make() if isinstance(t, Lazy) else t)
             if array.dtype != np.dtype(specs[name][0]) or array.shape != specs[name][1]:
                 raise ValueError(f"{path}: tensor {name!r} came out {array.dtype}{array.shape}, "
                                  f"declared {specs[name][0]}{specs[name][1]}")
-            f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+            f.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes(order="C"))

@@ -8,14 +8,12 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
 from flax import nnx
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from helpers import ROOT, rel_err
 from convert import export
@@ -157,18 +155,6 @@ def test_export_refuses_and_leaves_nothing(tmp_path, capsys):
     with pytest.raises(ValueError, match="no LoRA"):
         export.export(system, cfg, 0, str(tmp_path / "none"))
     assert sorted(os.listdir(tmp_path)) == ["exists"]
-
-
-def test_safetensors_writer_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    tensors = {"a.weight": rng.standard_normal((3, 5)).astype(np.float32),
-               "b": rng.standard_normal((7,)).astype(ml_dtypes.bfloat16),
-               "c": export.Lazy(np.dtype(np.float16), (2, 2), lambda: np.eye(2, dtype=np.float16))}
-    export.write_safetensors(str(tmp_path / "t.safetensors"), tensors, {"note": "x"})
-    back = load_file(str(tmp_path / "t.safetensors"))
-    np.testing.assert_array_equal(back["a.weight"].numpy(), tensors["a.weight"])
-    np.testing.assert_array_equal(back["b"].float().numpy(), tensors["b"].astype(np.float32))
-    np.testing.assert_array_equal(back["c"].numpy(), np.eye(2, dtype=np.float16))
 
 
 @pytest.mark.parametrize("to", [(4, 4), (6, 8), (2, 3)])

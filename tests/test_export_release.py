@@ -96,6 +96,7 @@ def test_release_cli(ref, release, tmp_path, capsys):
     for name, module in ref.lora.iter_lora_modules(release.transformer):
         got = state[f"{name}.lora_B.weight"] @ state[f"{name}.lora_A.weight"] * scaling
         np.testing.assert_allclose(got.numpy(), module.lora_delta().detach().numpy(), rtol=1e-5, atol=1e-7)
+        assert state[f"{name}.alpha"].shape == () and state[f"{name}.alpha"] == metadata["lora_rank"]  # 0-d, as theirs
 
     capsys.readouterr()
     checkpoint = write_config(paper_config(release, "full"), tmp_path / "full.py")

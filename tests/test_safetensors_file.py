@@ -1,5 +1,6 @@
-"""The converters' safetensors reading (through the `safetensors` library): values against torch's writer, and
-every refusal naming the file (and the tensor) for truncated, foreign, malformed and unreadable sources."""
+"""The converters' safetensors files: reading (through the `safetensors` library) against torch's writer, every
+refusal naming the file (and the tensor) for truncated, foreign, malformed and unreadable sources; our writer read
+back by torch's, numpy's and our reader, 0-d and non-contiguous arrays included."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,12 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from convert.common import ConversionError, Entry, cli, convert, open_source
-from convert.safetensors_file import Reader, SafetensorsError, read_header
+from convert.safetensors_file import Lazy, Reader, SafetensorsError, read_header, write_safetensors
 
 TENSORS = {
     "a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7,
@@ -110,3 +112,30 @@ def test_shards_a_duplicate_and_a_missing_shard_are_named(tmp_path):
     index.write_text(json.dumps({"weight_map": {"a.weight": "one.safetensors", "c": "gone.safetensors"}}))
     with pytest.raises(ConversionError, match=r"index\.json: names shard files that are missing: \['gone"):
         open_source(str(shards))
+
+
+def test_writer_round_trip_with_scalars_and_views(tmp_path):
+    """What `write_safetensors` writes reads back equal through torch's and numpy's loaders and ours: every dtype it
+    writes, a lazy tensor, a 0-d scalar as shape [] (the release's `.alpha`), and arrays that are views in another
+    memory order (a transpose, a strided slice, a lazy transpose), which must be written in C order."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((4, 6)).astype(np.float32)
+    tensors = {"a.weight": rng.standard_normal((3, 5)).astype(np.float32),
+               "b": rng.standard_normal((7,)).astype(ml_dtypes.bfloat16),
+               "c": Lazy(np.dtype(np.float16), (2, 2), lambda: np.eye(2, dtype=np.float16)),
+               "alpha": np.asarray(4.0, np.float32),
+               "t.weight": base.T,
+               "s.weight": base[::2, 1::2],
+               "lazy_t": Lazy(np.dtype(np.float32), (6, 4), lambda: base.T)}
+    want = {k: np.asarray(v.make() if isinstance(v, Lazy) else v) for k, v in tensors.items()}
+    assert not (want["t.weight"].flags.c_contiguous or want["s.weight"].flags.c_contiguous)
+    path = str(tmp_path / "t.safetensors")
+    write_safetensors(path, tensors, {"note": "x"})
+    assert {k: i.shape for k, i in read_header(path).items()} == {k: v.shape for k, v in want.items()}
+    by_torch = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in load_file(path).items()}
+    readers = {"torch": by_torch, "numpy": safetensors.numpy.load_file(path), "ours": Reader(read_header(path))}
+    for name, reader in readers.items():
+        for key, value in want.items():
+            got = np.asarray(reader.read(key) if name == "ours" else reader[key])
+            assert got.shape == value.shape, (name, key)
+            np.testing.assert_array_equal(got.astype(np.float32), value.astype(np.float32), err_msg=f"{name} {key}")
