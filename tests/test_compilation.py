@@ -70,3 +70,39 @@ def test_second_start_of_the_demo_reads_every_program_from_the_cache(toy_run, tm
     assert sorted(line.split(" in ")[0] for line in lines) == [
         "compiled sample grid R=0", "compiled sample grid R=1", "compiled train step R=0", "compiled train step R=1"]
     assert all(line.endswith("(from the compilation cache)") for line in lines), lines
+
+
+RETAINED_HEAP = """
+import ctypes, os, threading
+from iconface_jax import compilation
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+def compile_like():  # many mid-sized blocks on a worker thread's arena, one kept at its top, as XLA's compiles leave it
+    blocks = [libc.malloc(60000) for _ in range(5000)]
+    for b in blocks:
+        ctypes.memset(b, 1, 60000)
+    libc.malloc(100)
+    for b in blocks:
+        libc.free(b)
+
+thread = threading.Thread(target=compile_like)
+thread.start()
+thread.join()
+before = rss_mb()
+compilation.release_host_memory()
+print(before, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's arenas")
+def test_release_host_memory_returns_what_a_worker_thread_freed():
+    """300 MB freed on a worker thread stays in the process until `release_host_memory` hands it back."""
+    out = subprocess.run([sys.executable, "-c", RETAINED_HEAP], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    before, after = map(float, out.stdout.split())
+    assert before - after > 150, (before, after)
