@@ -33,7 +33,7 @@ def default_dir() -> str:
 
 
 def add_flag(parser: argparse.ArgumentParser) -> None:
-    """`--compile-cache DIR` on an argparse tool (restore, evaluate)."""
+    """`--compile-cache DIR` on an argparse tool (restore, evaluate, demo_check)."""
     parser.add_argument("--compile-cache", default=default_dir(), metavar="DIR",
                         help=f"persistent compilation cache, local or gs:// (default {default_dir()}); "
                              f"'' or none: off; ${_ENV} overrides it")
