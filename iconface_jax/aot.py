@@ -6,8 +6,9 @@ XLA compiles for accelerators it cannot run on: libtpu (the `tpu` extra) describ
 and the CUDA plugin (`cuda-aot`) an H100 host. From abstract shapes (no weights read or allocated) this
 lowers exactly what training compiles, through the trainer's own `train.jit_train_step` (its mesh,
 shardings, donation and remat), for each reference count R = 0..3, and the guided restoration of the
-sample grids; it prints each program's memory plan per chip, its FLOPs and a roofline, writes them as
-JSON and exits non-zero, naming the program, when one does not fit the chip's memory.
+sample grids; it prints each program's memory plan per chip, its FLOPs as XLA counts them beside the
+transformer's by formula (the FLOP audit, docs/performance.md#cpu-compile-plans-and-flop-audit) and a roofline,
+writes them as JSON and exits non-zero, naming the program, when one does not fit the chip's memory.
 """
 from __future__ import annotations
 
@@ -24,15 +25,17 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import app, flags
 from flax import nnx
 from jax.experimental import topologies
 
 from iconface_jax import config, face_system, sharding, train
-from iconface_jax.flops import model_flops
+from iconface_jax.flops import sampling_flops, train_flops_parts
 from iconface_jax.models.attention import CUDNN_DTYPES
 from iconface_jax.models.layers import Precision
 
@@ -87,7 +90,7 @@ class Target:
     """A named slice or host: its chip, chip count, and the topology arguments XLA takes."""
     name: str
     chip: Chip
-    platform: str  # "tpu" or "cuda"
+    platform: str  # "tpu" or "cuda" (the tests' FLOP audit: "cpu", this machine)
     chips: int
     topology: str  # libtpu "v5e:8x8" or CUDA "1x1x8"
     host_bounds: tuple[int, int, int]  # chips per host (TPU)
@@ -135,8 +138,9 @@ def target_devices(target: Target) -> list:
                                         chips_per_host_bounds=target.host_bounds, num_slices=1).devices
 
 
-def abstract_config(cfg):
-    """The config with no weights read: random (abstract) parts of the same shapes, the target's attention."""
+def without_weights(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of the config that reads no weights: random parts of the same shapes (abstract ones in a plan; the
+    bench times them)."""
     cfg = cfg.copy_and_resolve_references()
     cfg.model.weights = cfg.model.autoencoder.weights = cfg.model.face_encoder.weights = ""
     cfg.model.text.embeddings = ""
@@ -149,18 +153,25 @@ def planned_batch(batch_size: int, chips: int) -> int:
     return -(-batch_size // chips) * chips
 
 
-def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3), restoration: bool = True) -> dict:
-    """Compiles the train step for each reference count and the restoration for `target`; the plan as `main`
-    writes it."""
-    cfg = abstract_config(cfg)
-    cfg.model.attention = cfg.model.attention or {"tpu": "splash", "cuda": "cudnn"}[target.platform]
-    devices = target_devices(target)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices)
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One of the trainer's programs ready to lower: the jitted function and its abstract arguments, and the
+    transformer's (linear, attention) FLOPs per chip by formula (docs/design.md#flops)."""
+    name: str
+    refs: int
+    global_batch: int
+    fn: Callable
+    args: tuple
+    formula: tuple[float, float]
+
+
+def programs(cfg: ml_collections.ConfigDict, mesh, references: tuple[int, ...] = (0, 1, 2, 3),
+             restoration: bool = True) -> list[Program]:
+    """The trainer's programs on `mesh` from abstract shapes (`cfg` as `without_weights` gives it): its step,
+    `train.jit_train_step`, for each reference count, by formula a LoRA step on a frozen base for the global batch
+    over the chips; and the sample grids' restoration of one face with three references, `train.jit_restore`, by
+    the sampling formula (every chip computes it whole)."""
     t, size = cfg.train, cfg.data.resolution
-    if (planned := planned_batch(t.batch_size, len(devices))) != t.batch_size:
-        print(f"config.train.batch_size={t.batch_size} does not divide the {len(devices)} chips: planning a global "
-              f"batch of {planned} (set --config.train.batch_size to choose)", flush=True)
-        t.batch_size = planned
     system = nnx.eval_shape(lambda: face_system.build(cfg))
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
     tx = train.make_optimizer(t)
@@ -170,53 +181,81 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
     encode = lambda p, r, x: nnx.merge(graphdef, p, r).encode(x)
     tokens = jax.eval_shape(encode, params, rest, image(1)).shape[1]
     backbone, text_len = system.model.backbone.config, system.prompt.shape[0]
+    per_chip = t.batch_size / mesh.size
+    out = [Program(f"train R={refs}", refs, t.batch_size, step, (state, rest, train.batch_spec(cfg, refs)),
+                   tuple(per_chip * f for f in train_flops_parts(backbone, text_len, (2 + refs) * tokens)))
+           for refs in references]
+    if restoration:
+        refs, steps = 3, cfg.log.sample_steps
+        out.append(Program(f"restore {steps} steps", refs, 1, train.jit_restore(graphdef, cfg, mesh, params, rest),
+                           (params, rest, image(1), image(1, refs), jax.ShapeDtypeStruct((2,), jnp.uint32)),
+                           sampling_flops(backbone, text_len, tokens, refs, steps,
+                                          cfg.model.iconface.reference_cache)))
+    return out
+
+
+def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3), restoration: bool = True) -> dict:
+    """Compiles the train step for each reference count and the restoration for `target`; the plan as `main`
+    writes it."""
+    cfg = without_weights(cfg)
+    cfg.model.attention = cfg.model.attention or {"tpu": "splash", "cuda": "cudnn"}[target.platform]
+    devices = target_devices(target)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices)
+    t = cfg.train
+    if (planned := planned_batch(t.batch_size, len(devices))) != t.batch_size:
+        print(f"config.train.batch_size={t.batch_size} does not divide the {len(devices)} chips: planning a global "
+              f"batch of {planned} (set --config.train.batch_size to choose)", flush=True)
+        t.batch_size = planned
     # Splash and cuDNN (bf16/fp16/fp8 only; float32 takes XLA) are custom calls XLA's cost model cannot see.
     dtype = Precision.named(cfg.model.precision).dtype
     kernel_attention = cfg.model.attention == "splash" or (cfg.model.attention == "cudnn" and dtype in CUDNN_DTYPES)
-    rows = []
-    for refs in references:
-        batch = train.batch_spec(cfg, refs)
-        attention = t.batch_size * 3.5 * model_flops(backbone, text_len, (2 + refs) * tokens)[1] / len(devices)
-        rows.append(_measure(f"train R={refs}", refs, t.batch_size, step, (state, rest, batch), mesh, target,
-                             attention if kernel_attention else 0.0))
-    if restoration:
-        restore_fn = train.jit_restore(graphdef, cfg, mesh, params, rest)
-        refs, steps = 3, cfg.log.sample_steps
-        args = (params, rest, image(1), image(1, refs), jax.ShapeDtypeStruct((2,), jnp.uint32))
-        attention = 2 * steps * model_flops(backbone, text_len, (2 + refs) * tokens)[1]  # both guidance branches
-        rows.append(_measure(f"restore {steps} steps", refs, 1, restore_fn, args, mesh, target,
-                             attention if kernel_attention else 0.0))
+    rows = [_measure(program, mesh, target, kernel_attention)
+            for program in programs(cfg, mesh, references, restoration)]
     return dict(topology=target.name, devices=len(devices), hbm_gb=target.chip.hbm_gb, programs=rows,
                 mesh=dict(mesh.shape), attention=cfg.model.attention, remat=cfg.model.remat,
                 remat_decoder=cfg.model.autoencoder.remat_decoder, peak_tflops=target.chip.peak_tflops,
                 hbm_tb_s=target.chip.hbm_tb_s, source=target.chip.source)
 
 
-def _measure(name: str, refs: int, global_batch: int, fn, args, mesh, target: Target, kernel_flops: float) -> dict:
-    """Compiles `fn` for `args` under the mesh; memory per chip as XLA plans it, FLOPs and bytes per chip."""
+def _measure(program: Program, mesh, target: Target, kernel_attention: bool) -> dict:
+    """Compiles the program under the mesh; memory per chip as XLA plans it, FLOPs (the attention kernels' by
+    formula with `kernel_attention`) and bytes per chip, and the transformer's FLOPs by formula."""
+    name, global_batch = program.name, program.global_batch
     print(f"compiling {name} (global batch {global_batch}) for {target.name} ...", flush=True)  # minutes at full size
     start = time.perf_counter()
     # Without a device XLA:GPU cannot autotune its Triton GEMM tilings, and for some float32 dots its default
     # finds none ("Couldn't find output tile sizes"): compile those dots as cuBLAS calls.
     options = {"xla_gpu_enable_triton_gemm": False} if target.platform == "cuda" else {}
     with jax.set_mesh(mesh), HostMemoryPeak() as host:
-        lowered = fn.lower(*args)
+        lowered = program.fn.lower(*program.args)
         compiled = lowered.compile(options)
     compile_s = time.perf_counter() - start
-    m = compiled.memory_analysis()
+    memory = memory_plan(compiled)
     cost = _cost(lowered, compiled, target)
-    flop = cost.get("flops", 0.0) + kernel_flops
+    flop = cost.get("flops", 0.0) + (program.formula[1] if kernel_attention else 0.0)
     bytes_accessed = cost.get("bytes accessed", 0.0)
     seconds = max(flop / (target.chip.peak_tflops * 1e12), bytes_accessed / (target.chip.hbm_tb_s * 1e12))
-    gb = lambda n: round(n / 2**30, 2)
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    print(f"  compiled in {compile_s:.0f} s (host memory peak {host.peak_gb:.1f} GB): {gb(total)} GB per chip, "
-          f"{flop / 1e12:.2f} TFLOP", flush=True)
-    return dict(name=name, R=refs, global_batch=global_batch, compile_s=round(compile_s, 1),
-                host_peak_gb=round(host.peak_gb, 2),
-                arguments_gb=gb(m.argument_size_in_bytes), temp_gb=gb(m.temp_size_in_bytes), total_gb=gb(total),
-                tflop=round(flop / 1e12, 3), bytes_accessed_gb=gb(bytes_accessed), roofline_ms=round(seconds * 1e3, 2),
+    formula = sum(program.formula)
+    print(f"  compiled in {compile_s:.0f} s (host memory peak {host.peak_gb:.1f} GB): {memory['total_gb']} GB per "
+          f"chip, {flop / 1e12:.4g} TFLOP ({formula / 1e12:.4g} by formula)", flush=True)
+    return dict(name=name, R=program.refs, global_batch=global_batch, compile_s=round(compile_s, 1),
+                host_peak_gb=round(host.peak_gb, 2), **memory, tflop=_tera(flop), formula_tflop=_tera(formula),
+                bytes_accessed_gb=round(bytes_accessed / 2**30, 2), roofline_ms=round(seconds * 1e3, 2),
                 roofline_samples_per_s=round(global_batch / seconds, 2) if seconds else None)
+
+
+def _tera(flop: float) -> float:
+    """TFLOP to four significant digits (a demo's step is 1e-3 TFLOP, klein-4B's 1e2)."""
+    return float(f"{flop / 1e12:.4g}")
+
+
+def memory_plan(compiled) -> dict[str, float]:
+    """A compiled program's memory per chip as XLA plans it, in GiB: arguments, temporaries, and the total
+    (arguments + outputs + temporaries - the donated buffers outputs reuse)."""
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    gb = lambda n: round(n / 2**30, 2)
+    return dict(arguments_gb=gb(m.argument_size_in_bytes), temp_gb=gb(m.temp_size_in_bytes), total_gb=gb(total))
 
 
 class HostMemoryPeak:
@@ -247,10 +286,11 @@ class HostMemoryPeak:
 
 
 def _cost(lowered, compiled, target: Target) -> dict:
-    """XLA's FLOP and byte counts per chip. On GPU (no cost analysis) XLA's CPU cost model: FLOPs on the
-    program as lowered, divided over the chips, since the optimised one calls cuBLAS and cuDNN for its dots
-    and convolutions (custom calls it counts as 0 FLOPs); bytes on the optimised per-chip program."""
-    if target.platform == "tpu":
+    """XLA's FLOP and byte counts per chip: the compiled program's own cost analysis, except on GPU (none there),
+    where XLA's CPU cost model counts FLOPs on the program as lowered, divided over the chips, since the optimised
+    one calls cuBLAS and cuDNN for its dots and convolutions (custom calls it counts as 0 FLOPs), and bytes on
+    the optimised per-chip program."""
+    if target.platform != "cuda":
         cost = compiled.cost_analysis()
         return cost[0] if isinstance(cost, (list, tuple)) else cost
     from jax._src.lib import xla_client  # the cost model over an HLO module has no public entry point
@@ -270,13 +310,16 @@ def print_plan(plan: dict, target: Target) -> None:
     if target.platform == "cuda":
         print("cuDNN's workspace is not in the memory plan (it is sized on a device); FLOPs by XLA's CPU cost "
               "model on the lowered program over the chips, cuDNN attention by formula")
+    print("formula: the transformer's FLOPs per chip (docs/design.md#flops; a train step as a LoRA step on a frozen "
+          "base: a frozen weight given a gradient shows as ~1.5x); XLA's count also holds the side pathways, the "
+          "VAE decoder and AdaFace of the identity loss, and counts the sampler's loop body once, not once per step")
     print(f"{'program':<20}{'B':>5}{'compile s':>11}{'host GB':>9}{'args GB':>9}{'temp GB':>9}{'total GB':>10}"
-          f"{'TFLOP':>9}{'HBM GB':>9}{'ms':>9}{'samples/s':>11}")
+          f"{'TFLOP':>9}{'formula':>9}{'HBM GB':>9}{'ms':>9}{'samples/s':>11}")
     for r in plan["programs"]:
         print(f"{r['name']:<20}{r['global_batch']:>5}{r['compile_s']:>11.1f}{r.get('host_peak_gb', 0):>9.1f}"
-              f"{r['arguments_gb']:>9.2f}"
-              f"{r['temp_gb']:>9.2f}{r['total_gb']:>10.2f}{r['tflop']:>9.2f}{r['bytes_accessed_gb']:>9.1f}"
-              f"{r['roofline_ms']:>9.1f}{r['roofline_samples_per_s'] or 0:>11.2f}")
+              f"{r['arguments_gb']:>9.2f}{r['temp_gb']:>9.2f}{r['total_gb']:>10.2f}{r['tflop']:>9.4g}"
+              f"{r['formula_tflop']:>9.4g}{r['bytes_accessed_gb']:>9.1f}{r['roofline_ms']:>9.1f}"
+              f"{r['roofline_samples_per_s'] or 0:>11.2f}")
 
 
 def too_big(plan: dict) -> list[str]:

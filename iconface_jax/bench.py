@@ -1,13 +1,27 @@
-"""`python -m iconface_jax.bench`: speed of the FLUX.2 backbone, the full IConFace step and restoration.
+"""`python -m iconface_jax.bench [--config FILE.py[:ARG]] [--config.a.b=value ...] [--shapes 4x0,1x3,2x3]`: speed of
+the FLUX.2 backbone, the trainer's IConFace step and restoration.
 
-Random weights (speed does not depend on values). Each sample is the hybrid sequence (docs/design.md#hybrid-sequence):
-text, scene, degraded and R reference segments. Rows per (B, R): (a) backbone forward and LoRA step
-(flow-matching loss only), (b) the full IConFace training step (side pathways, identity loss through
-the VAE decoder and AdaFace), (c) a guided restoration of one face (wall time with VAE encode and
-decode), in full attention and with the reference-token cache. Prints one table (ms/step, samples/s, MFU against a
-matmul peak measured in the same run,
-(d) compile time, (e) peak device memory) and writes it as JSON.
-On CPU the defaults shrink to the tiny preset and small images so the run takes seconds.
+The system is the trainer's, `face_system.build` of a training config (default configs/demo.py: minutes on two CPU
+cores, mostly compiles; configs/iconface_klein4b.py is the paper's setup), on random weights whatever weights the
+config names (speed does not depend on values). Rows per shape BxR (batch x reference count), on the first device:
+(a) the system's backbone: its forward and a LoRA step with the flow-matching loss only, the like-for-like
+    comparison with the PyTorch anchor (diffusers + peft) when the LoRA targets are the anchor's
+    (--config.model.lora.targets=attention);
+(b) the trainer's own step, `train.jit_train_step` (side pathways, the identity loss through the decoder and
+    AdaFace, EMA as configured) at batch B;
+(c) the sample grids' guided restoration of one face, `train.jit_restore` (wall time with encode and decode), in
+    full attention and with the reference-token cache.
+Prints one table (ms/step, samples/s, MFU against a matmul peak measured in the same run, compile s: the first
+call) with the peak device memory, and writes it as JSON.
+
+Earlier releases' flags are config fields now (what they timed on a GPU by default: --config
+configs/iconface_klein4b.py --config.model.lora.targets=attention):
+  --preset P       --config.model.backbone.preset=P     --precision P    --config.model.precision=P
+  --image-size N   --config.data.resolution=N            --attention A    --config.model.attention=A
+  --text-len N     --config.model.text.length=N          --remat R        --config.model.remat=R
+  --lora-rank N    --config.model.lora.rank=N and --config.model.lora.alpha=N (the flag set both)
+`--restore-steps N` sets --config.log.sample_steps. `--plan` is `python -m iconface_jax.aot`: compile-only plans
+of the trainer's programs with XLA's FLOP count beside the formula.
 """
 from __future__ import annotations
 
@@ -21,25 +35,41 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
-from iconface_jax import config, flow, sampling, sequence, text, train
-from iconface_jax.flops import measure_peak, model_flops, train_flops
-from iconface_jax.models import adaface, flux2, iconface, lora, vae
+from iconface_jax import aot, config, face_system, flow, sequence, sharding, train
+from iconface_jax.flops import measure_peak, model_flops, sampling_flops, train_flops
+from iconface_jax.models import lora
 from iconface_jax.models.layers import Precision
-from iconface_jax.face_system import FaceSystem
+
+# The flags of earlier releases and what replaced them.
+REPLACED = {f"--{flag}": f"--config.{field}=VALUE" for flag, field in [
+    ("preset", "model.backbone.preset"), ("image-size", "data.resolution"), ("text-len", "model.text.length"),
+    ("precision", "model.precision"), ("attention", "model.attention"), ("remat", "model.remat"),
+    ("lora-rank", "model.lora.rank")]} | {"--plan": "python -m iconface_jax.aot (compile-only plans)"}
 
 
-def _timed(fn, steps: int) -> float:
-    """Median seconds per call over `steps` calls (after the caller's warm-up)."""
+def _timed(fn, steps: int) -> tuple[float, float]:
+    """(seconds of the first call, which compiles; median seconds per call over `steps` more calls)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return first, float(np.median(times))
+
+
+def _row(kind: str, batch: int, refs: int, tokens: int, timing: tuple[float, float], flops: float) -> dict:
+    """One table row from `_timed`'s (compile, step) seconds and the step's model FLOPs."""
+    compile_s, seconds = timing
+    return dict(kind=kind, B=batch, R=refs, tokens=tokens, ms=seconds * 1e3, samples_s=batch / seconds, flops=flops,
+                compile_s=compile_s)
 
 
 def peak_memory_gb() -> float | None:
@@ -64,14 +94,13 @@ def lora_train_step(graphdef, tx: optax.GradientTransformation, n_img: int, img_
     return train_step
 
 
-def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, steps: int, lora_rank: int):
-    """Forward and LoRA train-step rows for one (batch, refs) shape, yielded as each is measured."""
-    n_img = grid * grid
-    img_ids = sequence.image_segment_ids(grid, grid, refs)
+def bench_backbone(model, lora_rank: int, batch: int, refs: int, grid: tuple[int, int], text_len: int, steps: int):
+    """(a) forward and LoRA train-step rows of the backbone for one (batch, refs) shape, yielded as measured."""
+    cfg, n_img = model.config, grid[0] * grid[1]
+    img_ids = sequence.image_segment_ids(*grid, refs)
     txt_ids = sequence.text_ids(text_len)
-    dtype = model.precision.dtype
-    key = jax.random.key(batch * 10 + refs)
-    k1, k2, k3 = jax.random.split(key, 3)
+    dtype, tokens = model.precision.dtype, text_len + len(img_ids)
+    k1, k2, k3 = jax.random.split(jax.random.key(batch * 10 + refs), 3)
     x = jax.random.normal(k1, (batch, len(img_ids), cfg.in_channels), dtype)
     ctx = jax.random.normal(k2, (batch, text_len, cfg.joint_attention_dim), dtype)
     eps = jax.random.normal(k3, (batch, n_img, cfg.in_channels), dtype)
@@ -79,209 +108,148 @@ def bench_shape(model, cfg, batch: int, refs: int, grid: int, text_len: int, ste
 
     graphdef, trainable, frozen = nnx.split(model, lora.trainable, ...)
     tx = optax.adamw(1e-4)
-    opt_state = tx.init(trainable)
+    state = (trainable, tx.init(trainable))
 
     @jax.jit
     def forward(frozen, trainable, x, ctx):
         return nnx.merge(graphdef, trainable, frozen)(x, ctx, sigma, img_ids, txt_ids)
 
-    train_step = lora_train_step(graphdef, tx, n_img, img_ids, txt_ids)
     lin, att = model_flops(cfg, text_len, len(img_ids))
-    start = time.perf_counter()
-    forward(frozen, trainable, x, ctx).block_until_ready()
-    compile_fwd = time.perf_counter() - start
-    t_fwd = _timed(lambda: forward(frozen, trainable, x, ctx), steps)
-    yield dict(kind="forward", B=batch, R=refs, tokens=text_len + len(img_ids), ms=t_fwd * 1e3,
-               samples_s=batch / t_fwd, flops=batch * (lin + att), compile_s=compile_fwd)
-    start = time.perf_counter()
-    state = train_step(trainable, opt_state, frozen, x, ctx, eps, sigma)
-    jax.block_until_ready(state)
-    compile_train = time.perf_counter() - start
+    timing = _timed(lambda: forward(frozen, state[0], x, ctx), steps)
+    yield _row("forward", batch, refs, tokens, timing, batch * (lin + att))
+    train_step = lora_train_step(graphdef, tx, n_img, img_ids, txt_ids)
 
     def one_step():
         nonlocal state
-        state = train_step(state[0], state[1], frozen, x, ctx, eps, sigma)
+        state = train_step(*state[:2], frozen, x, ctx, eps, sigma)
         return state
-    t_train = _timed(one_step, steps)
+    timing = _timed(one_step, steps)
     nnx.update(model, state[0])  # the step donated the LoRA arrays the model held
-    yield dict(kind=f"train lora r{lora_rank}", B=batch, R=refs, tokens=text_len + len(img_ids),
-               ms=t_train * 1e3, samples_s=batch / t_train,
-               flops=batch * train_flops(cfg, text_len, len(img_ids)), compile_s=compile_train)
+    yield _row(f"train lora r{lora_rank}", batch, refs, tokens, timing,
+               batch * train_flops(cfg, text_len, len(img_ids)))
 
 
-def plan(cfg: flux2.Flux2Config, precision: Precision, batch: int, refs: int, grid: int, text_len: int,
-         lora_rank: int, remat: str, attention: str | None, trainable: nnx.filterlib.Filter = lora.trainable) -> dict:
-    """Compiles the LoRA train step from abstract shapes (no weights allocated) and returns the compile time,
-    XLA's memory plan in GB (arguments, outputs, temporaries, and their sum less donated aliases) and XLA's
-    FLOP count of the step beside the formula (docs/design.md#flops; a frozen weight given a gradient would show as
-    ~1.5x).
-    `trainable` selects what the step updates (the LoRA factors; `nnx.Param` for every weight)."""
-    def build():
-        model = flux2.build(cfg, precision, attention_backend=attention, remat=remat)
-        lora.add_lora(model, lora_rank, float(lora_rank))
-        return model
-    graphdef, params, frozen = nnx.split(nnx.eval_shape(build), trainable, ...)
-    tx = optax.adamw(1e-4)
-    img_ids = sequence.image_segment_ids(grid, grid, refs)
-    step = lora_train_step(graphdef, tx, grid * grid, img_ids, sequence.text_ids(text_len))
-    shape = lambda *s, dtype=precision.dtype: jax.ShapeDtypeStruct(s, dtype)
-    args = (params, jax.eval_shape(tx.init, params), frozen, shape(batch, len(img_ids), cfg.in_channels),
-            shape(batch, text_len, cfg.joint_attention_dim), shape(batch, grid * grid, cfg.in_channels),
-            shape(batch, dtype=jnp.float32))
-    start = time.perf_counter()
-    compiled = step.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    m = compiled.memory_analysis()
-    gb = lambda n: round(n / 2**30, 2)
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list per program in older JAX
-    return dict(kind=f"plan remat={remat}", B=batch, R=refs, tokens=text_len + len(img_ids), compile_s=compile_s,
-                arguments_gb=gb(m.argument_size_in_bytes), outputs_gb=gb(m.output_size_in_bytes),
-                temp_gb=gb(m.temp_size_in_bytes), total_gb=gb(total), xla_tflop=cost.get("flops", 0.0) / 1e12,
-                formula_tflop=batch * train_flops(cfg, text_len, len(img_ids)) / 1e12)
+def random_batch(spec: dict[str, jax.ShapeDtypeStruct], refs: int, key: jax.Array) -> dict[str, jax.Array]:
+    """A batch of `train.batch_spec`'s shapes: images (and any latents) uniform in [-1, 1], `refs` references each."""
+    arrays = {k: s for k, s in spec.items() if k != "num_refs"}
+    batch = {k: jax.random.uniform(k_, s.shape, s.dtype, -1, 1)
+             for (k, s), k_ in zip(arrays.items(), jax.random.split(key, len(arrays)))}
+    return batch | {"num_refs": jnp.full(spec["num_refs"].shape, refs, spec["num_refs"].dtype)}
 
 
-def face_system(cfg: flux2.Flux2Config, precision: Precision, on_cpu: bool, text_len: int, lora_rank: int,
-                attention: str | None) -> FaceSystem:
-    """The full IConFace system on random weights: side pathways, VAE and AdaFace (tiny ones on CPU)."""
-    backbone = flux2.build(cfg, precision, attention_backend=attention)
-    lora.add_lora(backbone, lora_rank, float(lora_rank))
-    model = iconface.IConFace(backbone, iconface.IConFaceConfig())
-    codec = vae.init(vae.TINY if on_cpu else vae.DEFAULT, dtype=precision.dtype, param_dtype=precision.param_dtype)
-    arch = adaface.AdaFaceConfig(units=(1, 1, 1, 1), channels=(8, 8, 16, 16)) if on_cpu else adaface.AdaFaceConfig()
-    face = adaface.AdaFace(arch, dtype=precision.dtype, rngs=nnx.Rngs(0))
-    return FaceSystem(model, codec, face, *text.random_prompt_embeddings(text_len, cfg.joint_attention_dim))
-
-
-def bench_full(system: FaceSystem, cfg, batch: int, refs: int, grid: int, text_len: int, steps: int,
-               restore_steps: int):
-    """(b) the full IConFace training step and (c) a guided restoration, wall time including VAE encode/decode;
-    rows yielded as each is measured."""
-    stride = vae.token_grid(system.autoencoder.config, 256, 256)
-    size = grid * 256 // stride[0]
-    key = jax.random.key(batch * 10 + refs + 1)
-    images = jax.random.uniform(key, (batch, 2 + refs, size, size, 3), jnp.float32, -1, 1)
-    batch_arrays = dict(gt=images[:, 0], deg=images[:, 1], refs=images[:, 2:],
-                        num_refs=jnp.full((batch,), refs, jnp.int32))
-    t = config.defaults().train  # the paper's recipe (the step keeps no EMA: the state has none)
-    graphdef, params, rest = nnx.split(system, iconface.trainable, ...)
-    tx = optax.adamw(1e-4)
-    state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), key=jax.random.PRNGKey(0))
-    step_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, t=t), donate_argnums=(0,))
-    start = time.perf_counter()
-    state, _ = jax.block_until_ready(step_fn(state, rest, batch_arrays))
-    compile_s = time.perf_counter() - start
+def bench_full(system: face_system.FaceSystem, cfg: ml_collections.ConfigDict, mesh, batch: int, refs: int,
+               tokens: int, steps: int):
+    """(b) the trainer's step at batch `batch` and (c) the sample grids' restoration of one face, without and with
+    the reference cache; rows yielded as each is measured."""
+    cfg = cfg.copy_and_resolve_references()  # with this shape's batch size
+    cfg.train.batch_size = batch
+    bb, text_len = system.model.backbone.config, system.prompt.shape[0]
+    n_img = (2 + refs) * tokens
+    trainable = face_system.trainable_filter(cfg)
+    graphdef, params, rest = nnx.split(system, trainable, ...)
+    tx = train.make_optimizer(cfg.train)
+    state = train.init_state(params, tx, cfg.train, cfg.seed)
+    step_fn = train.jit_train_step(graphdef, tx, cfg.train, mesh, state, rest, cfg.mesh.shard_min_size)
+    arrays = random_batch(train.batch_spec(cfg, refs), refs, jax.random.key(batch * 10 + refs + 1))
 
     def one_step():
         nonlocal state
-        state, metrics = step_fn(state, rest, batch_arrays)
+        state, metrics = step_fn(state, rest, arrays)
         return metrics
-    t_step = _timed(one_step, steps)
+    timing = _timed(one_step, steps)
     nnx.update(system, state["params"])  # the step donated the arrays the system held
-    n_img = (2 + refs) * grid * grid
-    yield dict(kind="train iconface", B=batch, R=refs, tokens=text_len + n_img, ms=t_step * 1e3,
-               samples_s=batch / t_step, flops=batch * train_flops(cfg, text_len, n_img), compile_s=compile_s)
-    deg, ref_images = images[:1, 1], images[:1, 2:]
-    n_scene, n_cond = grid * grid, (1 + refs) * grid * grid
+    yield _row("train iconface", batch, refs, text_len + n_img, timing, batch * train_flops(bb, text_len, n_img))
+
+    deg, ref_images = arrays["deg"][:1], arrays["refs"][:1]
+    key, configured, sample_steps = jax.random.PRNGKey(0), system.model.config, cfg.log.sample_steps
     for cached in (False, True):
-        # The cache is a model option; switching it here retraces, the weights stay the same.
-        system.model.config = dataclasses.replace(system.model.config, reference_cache=cached)
-        run = nnx.jit(functools.partial(sampling.restore_faces, steps=restore_steps, guidance=4.0))
-        start = time.perf_counter()
-        jax.block_until_ready(run(system, deg, ref_images, jax.random.key(0)))
-        compile_s = time.perf_counter() - start
-        t_restore = _timed(lambda: run(system, deg, ref_images, jax.random.key(0)), max(1, steps // 2))
-        if cached:  # one pass of the conditioning tokens, then steps over text + scene reading their cache
-            flops = (sum(model_flops(cfg, 0, n_cond))
-                     + restore_steps * 2 * sum(model_flops(cfg, text_len, n_scene, n_cond)))
-        else:
-            flops = restore_steps * 2 * sum(model_flops(cfg, text_len, n_img))
-        yield dict(kind=f"restore {restore_steps} st" + (" cache" if cached else ""), B=1, R=refs,
-                   tokens=text_len + n_img, ms=t_restore * 1e3, samples_s=1 / t_restore, flops=flops,
-                   compile_s=compile_s)
-    system.model.config = dataclasses.replace(system.model.config, reference_cache=False)
+        # The cache is a model option (static, in the graphdef): switching it recompiles, the weights stay the same.
+        system.model.config = dataclasses.replace(configured, reference_cache=cached)
+        graphdef, params, rest = nnx.split(system, trainable, ...)
+        run = train.jit_restore(graphdef, cfg, mesh, params, rest)
+        timing = _timed(lambda: run(params, rest, deg, ref_images, key), max(1, steps // 2))
+        yield _row(f"restore {sample_steps} st" + (" cache" if cached else ""), 1, refs, text_len + n_img, timing,
+                   sum(sampling_flops(bb, text_len, tokens, refs, sample_steps, cached)))
+    system.model.config = configured
 
 
-def main(argv=None) -> int:
-    """Command-line entry point: parses the shape list, runs each shape and prints the table."""
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
+    """The command line: bench's own flags and the training config with its `--config.a.b=value` overrides, on
+    random weights and validated (a bad flag or field exits in one line)."""
     on_cpu = jax.default_backend() == "cpu"
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny" if on_cpu else "klein-base-4b", choices=sorted(flux2.PRESETS))
+    p = argparse.ArgumentParser(prog="python -m iconface_jax.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo.py",
+                   help="training config FILE.py[:ARG]; set a field with --config.a.b=value")
     p.add_argument("--shapes", default="1x0,2x3" if on_cpu else "4x0,1x3,2x3",
                    help="comma-separated BxR: batch size x reference count")
-    p.add_argument("--image-size", type=int, default=128 if on_cpu else 512,
-                   help="pixels; the transformer sees (size / 16)^2 tokens per image segment")
-    p.add_argument("--text-len", type=int, default=64 if on_cpu else 512)
-    p.add_argument("--precision", default="float32" if on_cpu else "bf16", choices=["float32", "bf16"])
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3 if on_cpu else 10)
-    p.add_argument("--attention", default=None, help="attention backend: xla, cudnn or splash")
+    p.add_argument("--steps", type=int, default=3 if on_cpu else 10, help="timed calls per row after the first")
     p.add_argument("--no-full", action="store_true",
-                   help="skip (b) the full IConFace step and (c) restoration (VAE + AdaFace + side pathways)")
-    p.add_argument("--restore-steps", type=int, default=12)
-    p.add_argument("--remat", default="none",
-                   help="block remat policy: none, full or save_dots; with --plan a comma-separated list")
-    p.add_argument("--plan", action="store_true",
-                   help="compile the LoRA step from abstract shapes per --remat policy and print XLA's memory "
-                        "plan and compile time instead of timing (no weights allocated: any preset on any machine)")
+                   help="skip (b) the trainer's step and (c) restoration (codec, AdaFace, side pathways)")
+    p.add_argument("--restore-steps", type=int, default=None,
+                   help="sampling steps of (c), --config.log.sample_steps (default: the config's)")
     p.add_argument("--out", default="bench.json", help="JSON results")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    overrides = []
+    for arg in rest:
+        flag = arg.split("=", 1)[0]
+        if flag in REPLACED:
+            p.error(f"{flag} is gone: {REPLACED[flag]}")
+        if not arg.startswith("--config."):
+            p.error(f"unrecognized argument {arg!r} (config fields are set as --config.a.b=value)")
+        overrides.append(arg)
+    args.overrides = overrides
+    try:
+        shapes = [tuple(int(v) for v in shape.lower().split("x", 1)) for shape in args.shapes.split(",")]
+    except ValueError:
+        p.error(f"--shapes {args.shapes}: expected comma-separated BxR, e.g. 4x0,1x3")
+    args.shapes = shapes
+    try:
+        cfg = aot.without_weights(config.load(args.config, overrides))
+        if args.restore_steps is not None:
+            cfg.log.sample_steps = args.restore_steps
+        config.validate(cfg)
+    except config.ConfigError as e:
+        p.error(str(e))
+    return args, cfg
 
-    cfg, precision = flux2.PRESETS[args.preset], Precision.named(args.precision)
-    shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes.split(",")]
-    if args.plan:
-        return print_plan(args, cfg, precision, shapes)
-    peak = measure_peak(precision.dtype, 1024 if on_cpu else 8192)
-    model = flux2.build(cfg, precision, attention_backend=args.attention, remat=args.remat)
-    lora.add_lora(model, args.lora_rank, float(args.lora_rank))
-    grid = args.image_size // 16
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: builds the system, runs each shape and prints the table."""
+    args, cfg = parse_args(argv)
+    peak = measure_peak(Precision.named(cfg.model.precision).dtype, 1024 if jax.default_backend() == "cpu" else 8192)
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])  # the trainer's programs, on one device
+    system = face_system.build(cfg)
+    size, text_len = cfg.data.resolution, system.prompt.shape[0]
+    tokens = jax.eval_shape(system.encode, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)).shape[1]
+    grid = face_system.grid_of(size, size, tokens)
     rows = []
-    system = None if args.no_full else face_system(cfg, precision, on_cpu, args.text_len, args.lora_rank,
-                                                    args.attention)
-    for batch, refs in shapes:
-        rows_of_shape = bench_shape(model, cfg, batch, refs, grid, args.text_len, args.steps, args.lora_rank)
-        if system is not None:
-            full = bench_full(system, cfg, batch, refs, grid, args.text_len, args.steps, args.restore_steps)
-            rows_of_shape = itertools.chain(rows_of_shape, full)
-        for row in rows_of_shape:  # printed as measured: a run cut short still reports what it finished
-            row["mfu"] = row["flops"] / (row["ms"] / 1e3) / peak
-            rows.append(row)
-            print(f"  {row['kind']:<14} B={batch} R={refs}: {row['ms']:.1f} ms, {row['samples_s']:.2f} samples/s, "
-                  f"MFU {row['mfu']:.3f}, compile {row['compile_s']:.1f} s", file=sys.stderr, flush=True)
-    result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), preset=args.preset,
-                  precision=args.precision, image_size=args.image_size, text_len=args.text_len,
-                  peak_tflops=peak / 1e12, peak_memory_gb=peak_memory_gb(), rows=rows)
-    print(f"{args.preset} on {result['device']} ({args.precision}); measured matmul peak "
-          f"{peak / 1e12:.2f} TFLOP/s; peak memory {result['peak_memory_gb']} GB")
-    print_table(rows, [("ms/step", "ms", ".1f"), ("samples/s", "samples_s", ".2f"), ("MFU", "mfu", ".3f"),
-                       ("compile s", "compile_s", ".1f")])
+    with jax.set_mesh(mesh):  # splash attention runs per chip in a shard_map over the trainer's mesh
+        for batch, refs in args.shapes:
+            rows_of_shape = bench_backbone(system.model.backbone, cfg.model.lora.rank, batch, refs, grid, text_len,
+                                           args.steps)
+            if not args.no_full:
+                rows_of_shape = itertools.chain(rows_of_shape,
+                                                bench_full(system, cfg, mesh, batch, refs, tokens, args.steps))
+            for row in rows_of_shape:  # printed as measured: a run cut short still reports what it finished
+                row["mfu"] = row["flops"] / (row["ms"] / 1e3) / peak
+                rows.append(row)
+                print(f"  {row['kind']:<14} B={batch} R={refs}: {row['ms']:.1f} ms, {row['samples_s']:.2f} "
+                      f"samples/s, MFU {row['mfu']:.3f}, compile {row['compile_s']:.1f} s", file=sys.stderr,
+                      flush=True)
+    result = dict(device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), config=args.config,
+                  overrides=args.overrides, preset=cfg.model.backbone.preset, precision=cfg.model.precision,
+                  lora_targets=cfg.model.lora.targets, image_size=size, text_len=text_len, peak_tflops=peak / 1e12,
+                  peak_memory_gb=peak_memory_gb(), rows=rows)
+    print(f"{args.config} ({result['preset']} backbone, {size} px, text {text_len}) on {result['device']} "
+          f"({cfg.model.precision}); measured matmul peak {peak / 1e12:.2f} TFLOP/s; peak memory "
+          f"{result['peak_memory_gb']} GB")
+    print(f"{'kind':<22}{'B':>3}{'R':>3}{'tokens':>8}{'ms/step':>11}{'samples/s':>11}{'MFU':>11}{'compile s':>11}")
+    for r in rows:
+        print(f"{r['kind']:<22}{r['B']:>3}{r['R']:>3}{r['tokens']:>8}{r['ms']:>11.1f}{r['samples_s']:>11.2f}"
+              f"{r['mfu']:>11.3f}{r['compile_s']:>11.1f}")
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    return 0
-
-
-def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
-    """Rows as a table: kind, B, R, tokens, then (header, key, format) columns."""
-    print(f"{'kind':<22}{'B':>3}{'R':>3}{'tokens':>8}" + "".join(f"{h:>11}" for h, _, _ in columns))
-    for r in rows:
-        print(f"{r['kind']:<22}{r['B']:>3}{r['R']:>3}{r['tokens']:>8}"
-              + "".join(f"{r[k]:>11{fmt}}" for _, k, fmt in columns))
-
-
-def print_plan(args, cfg: flux2.Flux2Config, precision: Precision, shapes: list[tuple[int, int]]) -> int:
-    """`--plan`: compile time and XLA's memory plan of the LoRA step per shape and remat policy."""
-    grid = args.image_size // 16
-    rows = [plan(cfg, precision, batch, refs, grid, args.text_len, args.lora_rank, remat, args.attention)
-            for batch, refs in shapes for remat in args.remat.split(",")]
-    print(f"{args.preset} ({args.precision}) on {jax.devices()[0].device_kind}: LoRA step compiled from abstract "
-          f"shapes; memory as XLA plans it (GB); FLOPs per step as XLA counts them and by formula")
-    print_table(rows, [("compile s", "compile_s", ".1f"), ("args", "arguments_gb", ".2f"), ("temp", "temp_gb", ".2f"),
-                       ("total", "total_gb", ".2f"), ("XLA TFLOP", "xla_tflop", ".4g"),
-                       ("formula", "formula_tflop", ".4g")])
-    with open(args.out, "w") as f:
-        json.dump(dict(device=str(jax.devices()[0].device_kind), preset=args.preset, precision=args.precision,
-                       image_size=args.image_size, text_len=args.text_len, rows=rows), f, indent=1)
     return 0
 
 

@@ -1,7 +1,7 @@
 """FLOP accounting (the formulas of docs/design.md#flops for the FLUX.2 transformer) and a measured matmul peak.
 
-The trainer logs MFU with them, the bench prints it, and the ahead-of-time compiler adds the attention
-kernels' FLOPs (custom calls XLA's cost model does not count) with them.
+The trainer logs MFU with them, the bench prints it, and the ahead-of-time compiler prints them beside XLA's count
+(the FLOP audit) and adds the attention kernels' FLOPs (custom calls XLA's cost model does not count) with them.
 """
 from __future__ import annotations
 
@@ -22,10 +22,28 @@ def model_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int, cached_le
     return 2.0 * length * per_token * blocks, 4.0 * length * (length + cached_len) * d * blocks
 
 
-def train_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int) -> float:
-    """A LoRA step on a frozen base: ~2x the linear forward (no weight gradients) + 3.5x attention."""
+def train_flops_parts(cfg: flux2.Flux2Config, text_len: int, image_len: int) -> tuple[float, float]:
+    """A LoRA step on a frozen base, (linear, attention): ~2x the linear forward (no weight gradients) and 3.5x
+    attention (flash attention recomputes its forward in the backward pass)."""
     lin, att = model_flops(cfg, text_len, image_len)
-    return 2 * lin + 3.5 * att
+    return 2 * lin, 3.5 * att
+
+
+def train_flops(cfg: flux2.Flux2Config, text_len: int, image_len: int) -> float:
+    """A LoRA step on a frozen base, `train_flops_parts` summed."""
+    return sum(train_flops_parts(cfg, text_len, image_len))
+
+
+def sampling_flops(cfg: flux2.Flux2Config, text_len: int, image_tokens: int, refs: int, steps: int,
+                   cached: bool = False) -> tuple[float, float]:
+    """A guided restoration of one face, (linear, attention): `steps` forwards of both guidance branches over
+    text, scene, degraded and `refs` reference segments of `image_tokens` each; with the reference cache one
+    pass of the degraded and reference tokens, then the steps over text and scene reading their cache."""
+    if not cached:
+        return tuple(2 * steps * f for f in model_flops(cfg, text_len, (2 + refs) * image_tokens))
+    condition_len = (1 + refs) * image_tokens
+    once, per_step = model_flops(cfg, 0, condition_len), model_flops(cfg, text_len, image_tokens, condition_len)
+    return tuple(a + 2 * steps * b for a, b in zip(once, per_step))
 
 
 def measure_peak(dtype: jnp.dtype, n: int) -> float:

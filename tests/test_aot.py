@@ -1,6 +1,6 @@
 """Ahead-of-time compiles: target names to topologies (Cloud TPU's slice shapes), the trainer's programs for
-a compile-only v5e 2x2 (libtpu) and a float32 step for an H100 (CUDA plugin), cuDNN's dtype rule, and a
-quiet start-up with libtpu installed."""
+a compile-only v5e 2x2 (libtpu) and a float32 step for an H100 (CUDA plugin), the FLOP audit on this machine's
+CPU, cuDNN's dtype rule, and a quiet start-up with libtpu installed."""
 from __future__ import annotations
 
 import importlib.util
@@ -19,7 +19,7 @@ from absl.testing import flagsaver
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import ROOT
-from iconface_jax import aot
+from iconface_jax import aot, config, sharding
 from iconface_jax.models import attention
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.slow, pytest.mark.tpu]
@@ -92,6 +92,7 @@ def test_v5e_2x2_compiles_train_steps_and_restoration():
         assert 0 < p["total_gb"] < plan["hbm_gb"] and p["tflop"] > 0 and p["roofline_samples_per_s"] > 0, p
     train0, train3 = plan["programs"][:2]
     assert train3["tflop"] > train0["tflop"] and train3["bytes_accessed_gb"] > train0["bytes_accessed_gb"]  # refs, L_id
+    assert 0 < train0["formula_tflop"] < train3["formula_tflop"] and plan["programs"][2]["formula_tflop"] > 0
     assert not aot.too_big(plan)
 
 
@@ -146,7 +147,7 @@ def test_command_compiles_only_the_programs_named(monkeypatch, tmp_path):
     def plan(cfg, target, references, restoration):
         asked.append((target.name, references, restoration))
         row = dict(name="train R=3", R=3, global_batch=4, compile_s=1.0, arguments_gb=1.0, temp_gb=1.0, total_gb=2.0,
-                   tflop=1.0, bytes_accessed_gb=1.0, roofline_ms=1.0, roofline_samples_per_s=4.0)
+                   tflop=1.0, formula_tflop=1.0, bytes_accessed_gb=1.0, roofline_ms=1.0, roofline_samples_per_s=4.0)
         return dict(topology=target.name, devices=4, hbm_gb=16, programs=[row], mesh={"data": 4}, attention="splash",
                     remat="none")
 
@@ -158,6 +159,27 @@ def test_command_compiles_only_the_programs_named(monkeypatch, tmp_path):
     assert [p["name"] for p in json.loads((tmp_path / "plan.json").read_text())["programs"]] == ["train R=3"]
     with flagsaver.flagsaver(), pytest.raises(SystemExit, match="--references=0,three"):
         aot.main(flags.FLAGS(argv + ["--references=0,three"]))
+
+
+def test_flop_audit_sees_a_frozen_weight_given_a_gradient():
+    """The FLOP audit, XLA's count of the trainer's compiled step beside the formula (a LoRA step on a frozen base):
+    training LoRA alone skips the frozen weights' gradient matmuls (~2x the linear forward instead of train_base's
+    ~3x) and matches the formula; remat's recompute shows. Compiled from abstract shapes on this machine's CPU, the
+    demo's concat variant at R = 0, whose side pathways are slight: the transformer's linear layers dominate."""
+    cpu = aot.Target("cpu", aot.CHIPS["v5e"], "cpu", 1, "", (1, 1, 1))  # a roofline is not asserted on
+    mesh = sharding.make_mesh(1, 1, jax.devices("cpu")[:1])
+    rows = {}
+    for train_base, remat in [(False, "none"), (True, "none"), (False, "full")]:
+        cfg = config.load(f"{ROOT / 'configs' / 'demo.py'}:concat", [
+            f"--config.model.train_base={train_base}", f"--config.model.remat={remat}", "--config.train.batch_size=1"])
+        [program] = aot.programs(aot.without_weights(cfg), mesh, references=(0,), restoration=False)
+        rows[train_base, remat] = aot._measure(program, mesh, cpu, kernel_attention=False)
+    lora, every, remat = rows[False, "none"], rows[True, "none"], rows[False, "full"]
+    assert 0.6 < lora["tflop"] / every["tflop"] < 0.72, rows
+    assert 0.9 < lora["tflop"] / lora["formula_tflop"] < 1.15, lora
+    assert remat["tflop"] > 1.1 * lora["tflop"], rows
+    for row in rows.values():
+        assert row["compile_s"] > 0 and row["arguments_gb"] >= 0 and row["total_gb"] >= row["temp_gb"], row
 
 
 @pytest.mark.parametrize("batch, chips, planned", [(16, 4, 16), (16, 64, 64), (96, 64, 128), (1, 1, 1)])

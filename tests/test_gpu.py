@@ -1,7 +1,8 @@
 """The accelerator checks a GPU session runs as one command: `python -m pytest -m gpu` (they skip elsewhere).
 
-cuDNN attention against the XLA path (bf16, with a key mask), the benchmark end to end on the tiny preset on the
-GPU, and a klein-width LoRA step's compiled memory plan within the GPU's memory.
+cuDNN attention against the XLA path (bf16, with a key mask), the benchmark end to end on the demo config in bf16 on
+the GPU, and the paper's training step (klein-base-4B) compiled for this GPU from abstract shapes, as `aot` lowers
+it, with its memory plan within the GPU's memory.
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import rel_err
-from iconface_jax import bench
+from helpers import ROOT, rel_err
+from iconface_jax import aot, bench, config, sharding
 from iconface_jax.models import attention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
@@ -31,16 +32,19 @@ def test_cudnn_attention_matches_xla(masked):
 
 def test_bench_runs_on_the_gpu(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--preset", "tiny", "--shapes", "1x1", "--image-size", "64", "--text-len", "16",
-                       "--steps", "2", "--restore-steps", "2", "--precision", "bf16", "--out", str(out)]) == 0
+    assert bench.main(["--config", str(ROOT / "configs" / "demo.py"), "--shapes", "1x1", "--steps", "2",
+                       "--restore-steps", "2", "--config.model.precision=bf16", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(np.isfinite(r["ms"]) and r["ms"] > 0 for r in rows)
 
 
-def test_lora_step_memory_plan_fits_the_gpu(tmp_path):
-    out = tmp_path / "plan.json"
-    assert bench.main(["--plan", "--preset", "klein-base-4b", "--shapes", "1x0", "--image-size", "512",
-                       "--text-len", "512", "--precision", "bf16", "--remat", "full", "--out", str(out)]) == 0
-    row = json.loads(out.read_text())["rows"][0]
-    limit = jax.devices()[0].memory_stats()["bytes_limit"] / 1e9
-    assert 0 < row["total_gb"] < limit, (row["total_gb"], limit)
+def test_train_step_memory_plan_fits_the_gpu():
+    """klein-base-4B, bf16, 512 px, B = 1, R = 0, remat full: the trainer's step as XLA plans it for this GPU."""
+    cfg = config.load(str(ROOT / "configs" / "iconface_klein4b.py"),
+                      ["--config.train.batch_size=1", "--config.model.remat=full"])
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    [program] = aot.programs(aot.without_weights(cfg), mesh, references=(0,), restoration=False)
+    with jax.set_mesh(mesh):
+        plan = aot.memory_plan(program.fn.lower(*program.args).compile())
+    limit = jax.devices()[0].memory_stats()["bytes_limit"] / 2**30
+    assert 0 < plan["total_gb"] < limit, (plan, limit)
