@@ -19,7 +19,7 @@ from convert import export
 from iconface_jax import sampling
 from iconface_jax import face_system
 from iconface_jax.models import lora
-from test_lora_release import (GRID, PROMPT, SIZE, Recorder, nchw, paper_config, ref, release,  # noqa: F401
+from test_lora_release import (GRID, PROMPT, SIZE, Recorder, nchw, paper_config, ref, release,  # noqa: F401 (ref, release: fixtures)
                                their_text_encoder, tokens)
 
 
