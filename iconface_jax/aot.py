@@ -21,11 +21,14 @@ import dataclasses
 import functools
 import json
 import math
+import multiprocessing
 import re
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +38,6 @@ from flax import nnx
 from jax.experimental import topologies
 
 from iconface_jax import config, face_system, sharding, train
-from iconface_jax.compilation import release_host_memory
 from iconface_jax.flops import sampling_flops, train_flops_parts
 from iconface_jax.models.attention import CUDNN_DTYPES
 from iconface_jax.models.layers import Precision
@@ -196,9 +198,10 @@ def programs(cfg: ml_collections.ConfigDict, mesh, references: tuple[int, ...] =
     return out
 
 
-def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3), restoration: bool = True) -> dict:
-    """Compiles the train step for each reference count and the restoration for `target`; the plan as `main`
-    writes it."""
+def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3), restoration: bool = True,
+                 on_row: Callable[[dict], None] | None = None) -> dict:
+    """Compiles the train step for each reference count and the restoration for `target`, each in a process of
+    its own; the plan as `main` writes it, handed to `on_row` after each program."""
     cfg = without_weights(cfg)
     cfg.model.attention = cfg.model.attention or {"tpu": "splash", "cuda": "cudnn"}[target.platform]
     devices = target_devices(target)
@@ -211,12 +214,39 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
     # Splash and cuDNN (bf16/fp16/fp8 only; float32 takes XLA) are custom calls XLA's cost model cannot see.
     dtype = Precision.named(cfg.model.precision).dtype
     kernel_attention = cfg.model.attention == "splash" or (cfg.model.attention == "cudnn" and dtype in CUDNN_DTYPES)
-    rows = [_measure(program, mesh, target, kernel_attention)
-            for program in programs(cfg, mesh, references, restoration)]
-    return dict(topology=target.name, devices=len(devices), hbm_gb=target.chip.hbm_gb, programs=rows,
+    plan = dict(topology=target.name, devices=len(devices), hbm_gb=target.chip.hbm_gb, programs=[],
                 mesh=dict(mesh.shape), attention=cfg.model.attention, remat=cfg.model.remat,
                 remat_decoder=cfg.model.autoencoder.remat_decoder, peak_tflops=target.chip.peak_tflops,
                 hbm_tb_s=target.chip.hbm_tb_s, source=target.chip.source)
+    names = [f"train R={refs}" for refs in references] + (["restoration"] if restoration else [])
+    for index, name in enumerate(names):
+        plan["programs"].append(_measure_apart(cfg, target, index, references, restoration, kernel_attention, name))
+        if on_row:
+            on_row(plan)
+    return plan
+
+
+def _measure_apart(cfg, target: Target, index: int, references: tuple[int, ...], restoration: bool,
+                   kernel_attention: bool, name: str) -> dict:
+    """`programs(...)[index]` measured in a fresh process. libtpu keeps what a compile allocated: in one process
+    klein-4B's v5e-64 train steps left 12.2 GB resident after the second, so each later program started higher
+    (docs/performance.md#compile-time-and-host-memory); a process per program ends each with its memory."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(_measure_here, cfg, target.name, index, references, restoration,
+                               kernel_attention).result()
+        except BrokenProcessPool:
+            raise RuntimeError(f"compiling {name} for {target.name}: the compiler's process died (killed for "
+                               f"host memory?)") from None
+
+
+def _measure_here(cfg, target_name: str, index: int, references: tuple[int, ...], restoration: bool,
+                  kernel_attention: bool) -> dict:
+    """The body of `_measure_apart`'s process: the target's mesh and programs rebuilt, one of them measured."""
+    jax.config.update("jax_enable_compilation_cache", False)  # see main
+    target = parse_target(target_name)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, target_devices(target))
+    return _measure(programs(cfg, mesh, references, restoration)[index], mesh, target, kernel_attention)
 
 
 def _measure(program: Program, mesh, target: Target, kernel_attention: bool) -> dict:
@@ -233,7 +263,6 @@ def _measure(program: Program, mesh, target: Target, kernel_attention: bool) -> 
         compiled = lowered.compile(options)
     compile_s = time.perf_counter() - start
     memory = memory_plan(compiled)
-    release_host_memory()  # the next program's compile starts from what is live, not from this one's leftovers
     cost = _cost(lowered, compiled, target)
     xla_flop = cost.get("flops", 0.0)
     flop = sum(program.formula) if program.looped else xla_flop + (program.formula[1] if kernel_attention else 0.0)
@@ -348,11 +377,18 @@ def main(argv) -> None:
     # back ("PjRtCompiler must be constructed with a Client to call DeserializeLoadedExecutable", jax 0.10.2, libtpu
     # 0.0.42), so every entry would be written for nothing.
     jax.config.update("jax_enable_compilation_cache", False)
-    plan = compile_plan(flags.FLAGS.config, target, references, _RESTORATION.value)
+    def write(plan: dict) -> None:  # after every program: a run cut short keeps the programs it finished
+        if _OUT.value:
+            with open(_OUT.value + ".tmp", "w") as f:
+                json.dump(plan, f, indent=1)
+            os.replace(_OUT.value + ".tmp", _OUT.value)
+
+    try:
+        plan = compile_plan(flags.FLAGS.config, target, references, _RESTORATION.value, on_row=write)
+    except RuntimeError as e:
+        sys.exit(str(e))
+    write(plan)
     print_plan(plan, target)
-    if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(plan, f, indent=1)
     if problems := too_big(plan):
         sys.exit("does not fit:\n  " + "\n  ".join(problems) + "\nshard the frozen weights over more chips "
                  "(--config.mesh.fsdp=N) or rematerialise the blocks (--config.model.remat=full)")

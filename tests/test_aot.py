@@ -147,7 +147,7 @@ def test_command_compiles_only_the_programs_named(monkeypatch, tmp_path):
     returns; a reference count that is not a number is refused by name. (The compiles themselves: above.)"""
     asked = []
 
-    def plan(cfg, target, references, restoration):
+    def plan(cfg, target, references, restoration, on_row=None):
         asked.append((target.name, references, restoration))
         row = dict(name="train R=3", R=3, global_batch=4, compile_s=1.0, arguments_gb=1.0, temp_gb=1.0, total_gb=2.0,
                    tflop=1.0, formula_tflop=1.0, bytes_accessed_gb=1.0, roofline_ms=1.0, roofline_samples_per_s=4.0)
@@ -162,6 +162,22 @@ def test_command_compiles_only_the_programs_named(monkeypatch, tmp_path):
     assert [p["name"] for p in json.loads((tmp_path / "plan.json").read_text())["programs"]] == ["train R=3"]
     with flagsaver.flagsaver(), pytest.raises(SystemExit, match="--references=0,three"):
         aot.main(flags.FLAGS(argv + ["--references=0,three"]))
+
+
+def test_a_run_cut_short_keeps_the_programs_it_finished(monkeypatch, tmp_path):
+    """`--out` is rewritten after every program: when the second one's compiler dies, the first one's row is on
+    disk and the command ends in one line naming the program."""
+    def plan(cfg, target, references, restoration, on_row=None):
+        done = dict(topology=target.name, programs=[dict(name="train R=0")])
+        on_row(done)
+        raise RuntimeError(f"compiling train R=3 for {target.name}: the compiler's process died")
+
+    monkeypatch.setattr(aot, "compile_plan", plan)
+    argv = ["aot", f"--config={ROOT / 'configs' / 'demo.py'}", "--topology=v5e-4", f"--out={tmp_path / 'plan.json'}"]
+    with flagsaver.flagsaver(), pytest.raises(SystemExit, match="compiling train R=3 for v5e-4"):
+        aot.main(flags.FLAGS(argv))
+    assert json.loads((tmp_path / "plan.json").read_text())["programs"] == [dict(name="train R=0")]
+    assert not (tmp_path / "plan.json.tmp").exists()
 
 
 def test_flop_audit_sees_a_frozen_weight_given_a_gradient():
