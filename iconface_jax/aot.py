@@ -4,11 +4,12 @@ compile the trainer's programs for a TPU slice or an H100 host that is not here.
 
 XLA compiles for accelerators it cannot run on: libtpu (the `tpu` extra) describes any Cloud TPU slice
 and the CUDA plugin (`cuda-aot`) an H100 host. From abstract shapes (no weights read or allocated) this
-lowers exactly what training compiles, through the trainer's own `train.jit_train_step` (its mesh,
-shardings, donation and remat), for each reference count R = 0..3, and the guided restoration of the
-sample grids; it prints each program's memory plan per chip, its FLOPs as XLA counts them beside the
-transformer's by formula (the FLOP audit, docs/performance.md#cpu-compile-plans-and-flop-audit) and a roofline,
-writes them as JSON and exits non-zero, naming the program, when one does not fit the chip's memory.
+lowers exactly what training compiles: the frozen encoders (`train.jit_encoders`), the trainer's own
+`train.jit_train_step` (its mesh, shardings, donation and remat) for each reference count R = 0..3, and the
+guided restoration of the sample grids; it prints each program's memory plan per chip, its FLOPs as XLA counts
+them beside the transformer's by formula (the FLOP audit, docs/performance.md#cpu-compile-plans-and-flop-audit)
+and a roofline, writes them as JSON and exits non-zero, naming the program, when one does not fit the chip's
+memory.
 """
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ class Program:
     """One of the trainer's programs ready to lower: the jitted function and its abstract arguments, and the
     transformer's (linear, attention) FLOPs per chip by formula (docs/design.md#flops)."""
     name: str
-    refs: int
+    refs: int | None  # None: the encoders, the same program for every R
     global_batch: int
     fn: Callable
     args: tuple
@@ -169,29 +170,41 @@ class Program:
     looped: bool = False  # a loop over steps (XLA's cost analysis counts its body once): the roofline uses the formula
 
 
+def program_names(cfg: ml_collections.ConfigDict, references: tuple[int, ...] = (0, 1, 2, 3),
+                  restoration: bool = True) -> list[str]:
+    """The names of `programs(cfg, mesh, references, restoration)`, in order, without building them."""
+    return ["encode images", "embed faces"] + [f"train R={refs}" for refs in references] + (
+        [f"restore {cfg.log.sample_steps} steps"] if restoration else [])
+
+
 def programs(cfg: ml_collections.ConfigDict, mesh, references: tuple[int, ...] = (0, 1, 2, 3),
              restoration: bool = True) -> list[Program]:
-    """The trainer's programs on `mesh` from abstract shapes (`cfg` as `without_weights` gives it): its step,
-    `train.jit_train_step`, for each reference count, by formula a LoRA step on a frozen base for the global batch
-    over the chips; and the sample grids' restoration of one face with three references, `train.jit_restore`, by
-    the sampling formula (every chip computes it whole)."""
+    """The trainer's programs on `mesh` from abstract shapes (`cfg` as `without_weights` gives it): the frozen
+    encoders of one image set, `train.jit_encoders` (no transformer: 0 by formula); its step, `train.jit_train_step`,
+    for each reference count, by formula a LoRA step on a frozen base for the global batch over the chips; and the
+    sample grids' restoration of one face with three references, `train.jit_restore`, by the sampling formula
+    (every chip computes it whole)."""
     t, size = cfg.train, cfg.data.resolution
     system = nnx.eval_shape(lambda: face_system.build(cfg))
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
     tx = train.make_optimizer(t)
     state = jax.eval_shape(lambda p: train.init_state(p, tx, t, cfg.seed), params)
-    step = train.jit_train_step(graphdef, tx, t, mesh, state, rest, cfg.mesh.shard_min_size)
+    step = train.jit_train_step(graphdef, tx, cfg, mesh, state, rest)
+    encode, embed = train.jit_encoders(graphdef, cfg, mesh, params, rest)
     image = lambda *lead: jax.ShapeDtypeStruct((*lead, size, size, 3), jnp.float32)
-    encode = lambda p, r, x: nnx.merge(graphdef, p, r).encode(x)
-    tokens = jax.eval_shape(encode, params, rest, image(1)).shape[1]
+    tokens = jax.eval_shape(encode, params, rest, image(t.batch_size)).shape[1]
     backbone, text_len = system.model.backbone.config, system.prompt.shape[0]
     per_chip = t.batch_size / mesh.size
-    out = [Program(f"train R={refs}", refs, t.batch_size, step, (state, rest, train.batch_spec(cfg, refs)),
-                   tuple(per_chip * f for f in train_flops_parts(backbone, text_len, (2 + refs) * tokens)))
-           for refs in references]
+    names = program_names(cfg, references, restoration)
+    out = [Program(name, None, t.batch_size, fn, (params, rest, image(t.batch_size)), (0.0, 0.0))
+           for name, fn in zip(names, (encode, embed))]
+    out += [Program(name, refs, t.batch_size, step,
+                    (state, rest, train.step_spec(cfg, refs, encode, embed, params, rest)),
+                    tuple(per_chip * f for f in train_flops_parts(backbone, text_len, (2 + refs) * tokens)))
+            for name, refs in zip(names[2:], references)]
     if restoration:
         refs, steps = 3, cfg.log.sample_steps
-        out.append(Program(f"restore {steps} steps", refs, 1, train.jit_restore(graphdef, cfg, mesh, params, rest),
+        out.append(Program(names[-1], refs, 1, train.jit_restore(graphdef, cfg, mesh, params, rest),
                            (params, rest, image(1), image(1, refs), jax.ShapeDtypeStruct((2,), jnp.uint32)),
                            sampling_flops(backbone, text_len, tokens, refs, steps,
                                           cfg.model.iconface.reference_cache), looped=True))
@@ -218,8 +231,7 @@ def compile_plan(cfg, target: Target, references: tuple[int, ...] = (0, 1, 2, 3)
                 mesh=dict(mesh.shape), attention=cfg.model.attention, remat=cfg.model.remat,
                 remat_decoder=cfg.model.autoencoder.remat_decoder, peak_tflops=target.chip.peak_tflops,
                 hbm_tb_s=target.chip.hbm_tb_s, source=target.chip.source)
-    names = [f"train R={refs}" for refs in references] + (["restoration"] if restoration else [])
-    for index, name in enumerate(names):
+    for index, name in enumerate(program_names(cfg, references, restoration)):
         plan["programs"].append(_measure_apart(cfg, target, index, references, restoration, kernel_attention, name))
         if on_row:
             on_row(plan)

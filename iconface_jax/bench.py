@@ -149,12 +149,14 @@ def bench_full(system: face_system.FaceSystem, cfg: ml_collections.ConfigDict, m
     graphdef, params, rest = nnx.split(system, trainable, ...)
     tx = train.make_optimizer(cfg.train)
     state = train.init_state(params, tx, cfg.train, cfg.seed)
-    step_fn = train.jit_train_step(graphdef, tx, cfg.train, mesh, state, rest, cfg.mesh.shard_min_size)
+    step_fn = train.jit_train_step(graphdef, tx, cfg, mesh, state, rest)
+    encode, embed = train.jit_encoders(graphdef, cfg, mesh, params, rest)
     arrays = random_batch(train.batch_spec(cfg, refs), refs, jax.random.key(batch * 10 + refs + 1))
 
-    def one_step():
+    def one_step():  # as the trainer runs it: the frozen encoders' programs, then the step
         nonlocal state
-        state, metrics = step_fn(state, rest, arrays)
+        inputs = train.step_inputs(arrays, encode, embed, state["params"], rest, cfg.train)
+        state, metrics = step_fn(state, rest, inputs)
         return metrics
     timing = _timed(one_step, steps)
     nnx.update(system, state["params"])  # the step donated the arrays the system held

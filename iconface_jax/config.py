@@ -128,8 +128,9 @@ def defaults(variant: str = "full") -> ml_collections.ConfigDict:
         sigma_law="logit_normal", sigma_mean=0.0, sigma_std=1.0, sigma_shift=0.0,
         sigma_unshifted_fraction=0.0, term_grad_norms=False, max_nonfinite=10, stop_at=0))
     # data=-1: every device not in fsdp. shard_min_size: frozen weights of fewer elements stay replicated when
-    # fsdp > 1.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_min_size=2**16))
+    # fsdp > 1 (2**22: klein-4B's three smallest matrices, 3 MiB, which libtpu otherwise gathered inside a VAE
+    # convolution; docs/performance.md#compile-time-and-host-memory).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, shard_min_size=2**22))
     # Steps between log rows, checkpoints (the last `keep` kept) and sample grids (`sample_count` faces restored
     # in `sample_steps` steps at `guidance`).
     c.log = ml_collections.ConfigDict(dict(every=50, checkpoint_every=1000, keep=3, sample_every=1000,

@@ -1,9 +1,9 @@
 """One device mesh with named axes (`data`, `fsdp`) and the shardings of parameters and batches.
 
-Frozen weights are sharded along `fsdp` on their largest divisible axis (ZeRO-3 style: gathered per use
-by XLA), small or indivisible ones replicated; batches are split over both axes, and placed on the devices
-ahead of use by `prefetch_to_device`. Multi-host runs call `jax.distributed.initialize` before building
-the mesh, which then spans every process's devices.
+The transformer's frozen weights are sharded along `fsdp` on their largest divisible axis (ZeRO-3 style:
+gathered per use by XLA), small or indivisible ones and the codec's and face encoder's replicated; batches
+are split over both axes, and placed on the devices ahead of use by `prefetch_to_device`. Multi-host runs
+call `jax.distributed.initialize` before building the mesh, which then spans every process's devices.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # a batch is split over every axis
-MIN_SHARD_SIZE = 2**16  # elements; smaller frozen weights are replicated (config.mesh.shard_min_size)
+MIN_SHARD_SIZE = 2**22  # elements; smaller frozen weights are replicated (config.mesh.shard_min_size)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
@@ -71,12 +71,21 @@ def param_sharding(shape: tuple[int, ...], mesh: Mesh, min_size: int = MIN_SHARD
 
 
 def param_shardings(tree, mesh: Mesh, min_size: int = MIN_SHARD_SIZE):
-    """The fsdp sharding of every array (or abstract array) of `tree`."""
-    return jax.tree.map(lambda x: param_sharding(x.shape, mesh, min_size), tree)
+    """The sharding of every array (or abstract array) of a face system's frozen state: the transformer's (under
+    `model`) by `param_sharding`, the rest (codec, face encoder, prompt embeddings; 0.35 GB for klein-4B)
+    replicated: sharded, XLA gathered the codec's weights before each convolution, which on a v5e-64 cost 2 GB
+    per chip of the R = 1 step and a third of the encoders' compile
+    (docs/performance.md#compile-time-and-host-memory)."""
+    replicated = NamedSharding(mesh, P())
+
+    def one(path, x) -> NamedSharding:
+        in_transformer = bool(path) and getattr(path[0], "key", None) == "model"
+        return param_sharding(x.shape, mesh, min_size) if in_transformer else replicated
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def shard_params(tree, mesh: Mesh, min_size: int = MIN_SHARD_SIZE):
-    """Places every array of `tree` with its fsdp sharding."""
+    """Places every array of a face system's frozen state with its sharding (`param_shardings`)."""
     return jax.device_put(tree, param_shardings(tree, mesh, min_size))
 
 

@@ -31,6 +31,7 @@ from iconface_jax import checkpointing, compilation, config, flops, flow, hosts,
 from iconface_jax import sharding, storage
 from iconface_jax import face_system
 from iconface_jax.data import latents, pipeline
+from iconface_jax.models import iconface
 from iconface_jax.models.layers import Precision
 
 SCHEDULE_STEPS = 12  # the paper's sampling steps, which set the dynamic shift that training matches
@@ -65,20 +66,18 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
 
 def identity_loss_active(batch: dict, t: ml_collections.ConfigDict) -> bool:
     """Whether a step has the identity loss (static: batches are grouped by reference count)."""
-    return batch["refs"].shape[1] > 0 and t.lambda_id > 0
+    return batch["ref_latents"].shape[1] > 0 and t.lambda_id > 0
 
 
-def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
-    """The loss terms [L_fm, L_id] (batch means; L_id only for samples with references) and the metrics."""
+def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict, resolution: int):
+    """The loss terms [L_fm, L_id] (batch means; L_id only for samples with references) and the metrics, on the
+    step's inputs (`step_inputs`: the frozen encoders' tokens and features of `resolution`-pixel faces)."""
     system = nnx.merge(graphdef, params, rest)
-    gt, deg, refs = batch["gt"], batch["deg"], batch["refs"]
-    b, h, w, _ = gt.shape
-    # Encoders are frozen: no gradients through targets or conditions. Clean images may come pre-encoded.
-    z0 = batch["gt_latents"] if "gt_latents" in batch else system.encode(gt)
-    x_refs = batch["ref_latents"] if "ref_latents" in batch else system.encode(refs)
-    z0, x_deg, x_refs = (jax.lax.stop_gradient(x) for x in (z0, system.encode(deg), x_refs))
-    e_id = jax.lax.stop_gradient(system.anchor(deg, refs))
-    grid = face_system.grid_of(h, w, z0.shape[1])
+    z0, x_deg, x_refs = batch["gt_latents"], batch["deg_latents"], batch["ref_latents"]
+    b = z0.shape[0]
+    e_id = iconface.identity_anchor(batch["ref_features"], batch.get("deg_features"),
+                                    system.model.config.id_temperature)
+    grid = face_system.grid_of(resolution, resolution, z0.shape[1])
 
     k_sigma, k_eps, k_drop = jax.random.split(key, 3)
     # Shift 0: train where the sampler spends its steps, FLUX.2's dynamic shift exp(mu) at this token count.
@@ -98,22 +97,67 @@ def loss_fn(params, rest, graphdef, batch, key, t: ml_collections.ConfigDict):
     l_fm = flow.loss(velocity, z0, eps)
     l_id = jnp.zeros_like(l_fm)
     if identity_loss_active(batch, t):
-        restored = system.decode(flow.estimate_z0(z, velocity, sigma), h, w)
-        e_gt = jax.lax.stop_gradient(system.embed(gt))
-        l_id = losses.identity_loss(system.embed(restored), e_id, e_gt, sigma, batch["num_refs"] > 0,
+        restored = system.decode(flow.estimate_z0(z, velocity, sigma), resolution, resolution)
+        l_id = losses.identity_loss(system.embed(restored), e_id, batch["gt_features"], sigma, batch["num_refs"] > 0,
                                     t.lambda_h, t.omega_min)
     terms = jnp.stack([jnp.mean(l_fm), jnp.mean(l_id)])
     return terms, {"loss": terms[0] + t.lambda_id * terms[1], "loss_fm": terms[0], "loss_id": terms[1]}
 
 
-def train_step(state, rest, batch, *, graphdef, tx, t):
+def jit_encoders(graphdef, cfg: ml_collections.ConfigDict, mesh, params, rest):
+    """The frozen encoders as two programs (params, rest, images (B, H, W, 3)) -> the VAE's tokens (B, L, C), and
+    -> AdaFace's raw features (B, D), sharded as the step's batch. Apart from the step, each is one program for
+    every reference count: inside it, every R's step compiled them again
+    (docs/performance.md#compile-time-and-host-memory). `params` and `rest` may be abstract."""
+    replicated = NamedSharding(mesh, P())
+    shardings = (jax.tree.map(lambda _: replicated, params),
+                 sharding.param_shardings(rest, mesh, cfg.mesh.shard_min_size),
+                 sharding.batch_sharding(mesh))
+
+    def encode(params, rest, images):
+        return nnx.merge(graphdef, params, rest).encode(images)
+
+    def embed(params, rest, images):
+        return nnx.merge(graphdef, params, rest).embed(images)
+    return tuple(jax.jit(fn, in_shardings=shardings, out_shardings=sharding.batch_sharding(mesh))
+                 for fn in (encode, embed))
+
+
+def step_inputs(batch: dict, encode, embed, params, rest, t: ml_collections.ConfigDict) -> dict:
+    """The step's inputs from a batch of images as the pipeline yields it (on the devices): the clean, degraded
+    and reference images through `jit_encoders`' programs one image set (B, H, W, 3) at a time. Latents the
+    batch brings (`data.latents`) are taken as they are; features only where the step reads them (the degraded
+    image's for the anchor when R = 0, the clean image's for the identity loss)."""
+    refs = [batch["refs"][:, r] for r in range(batch["refs"].shape[1])]
+    tokens, features = (lambda x: encode(params, rest, x)), (lambda x: embed(params, rest, x))
+
+    def stack(arrays: list[jax.Array], like: jax.Array) -> jax.Array:  # (B, R, ...) along the references
+        return jnp.stack(arrays, 1) if arrays else like[:, None][:, :0]  # no references: sharded as `like`
+    out = dict(gt_latents=batch["gt_latents"] if "gt_latents" in batch else tokens(batch["gt"]),
+               deg_latents=tokens(batch["deg"]), num_refs=batch["num_refs"])
+    if "ref_latents" in batch:
+        out["ref_latents"] = batch["ref_latents"]
+    else:
+        out["ref_latents"] = stack([tokens(x) for x in refs], out["gt_latents"])
+    if refs:
+        out["ref_features"] = stack([features(x) for x in refs], None)
+    else:  # without references the anchor is the degraded image's
+        out["deg_features"] = features(batch["deg"])
+        out["ref_features"] = stack([], out["deg_features"])
+    if identity_loss_active(out, t):
+        out["gt_features"] = features(batch["gt"])
+    return out
+
+
+def train_step(state, rest, batch, *, graphdef, tx, t, resolution: int):
     """One update; a non-finite loss or gradient skips it (state unchanged, flagged in the metrics).
 
     The gradient is L_fm's plus lambda_id L_id's; with `t.term_grad_norms` both are also computed apart (one
     more backward pass on steps with the identity loss) and their norms logged as grad_norm_fm, grad_norm_id.
     """
     key, sub = jax.random.split(state["key"])
-    _, pullback, metrics = jax.vjp(lambda p: loss_fn(p, rest, graphdef, batch, sub, t), state["params"], has_aux=True)
+    _, pullback, metrics = jax.vjp(lambda p: loss_fn(p, rest, graphdef, batch, sub, t, resolution), state["params"],
+                                   has_aux=True)
     weights = jnp.asarray([1.0, t.lambda_id], jnp.float32)
     if t.term_grad_norms and identity_loss_active(batch, t):
         fm, ident = (pullback(w)[0] for w in jnp.diag(weights))
@@ -144,17 +188,17 @@ def init_state(params, tx: optax.GradientTransformation, t: ml_collections.Confi
     return state
 
 
-def jit_train_step(graphdef, tx: optax.GradientTransformation, t: ml_collections.ConfigDict, mesh, state, rest,
-                   shard_min_size: int = sharding.MIN_SHARD_SIZE):
-    """The jitted step (state, rest, batch) -> (state, metrics) with its shardings: training state replicated,
+def jit_train_step(graphdef, tx: optax.GradientTransformation, cfg: ml_collections.ConfigDict, mesh, state, rest):
+    """The jitted step (state, rest, `step_inputs`) -> (state, metrics) with its shardings: training state replicated,
     frozen weights over fsdp (`sharding.param_spec`, arrays of `shard_min_size` elements or more), the batch
     over data and fsdp; the state donated.
     `state` and `rest` may be abstract: `iconface_jax.aot` lowers this same function for other targets.
     Call it under `jax.set_mesh(mesh)` (splash attention runs per chip in a shard_map over that mesh)."""
     replicated = NamedSharding(mesh, P())
-    frozen = sharding.param_shardings(rest, mesh, shard_min_size)
+    frozen = sharding.param_shardings(rest, mesh, cfg.mesh.shard_min_size)
     state_shardings = jax.tree.map(lambda _: replicated, state)
-    return jax.jit(partial(train_step, graphdef=graphdef, tx=tx, t=t), donate_argnums=(0,),
+    step = partial(train_step, graphdef=graphdef, tx=tx, t=cfg.train, resolution=cfg.data.resolution)
+    return jax.jit(step, donate_argnums=(0,),
                    in_shardings=(state_shardings, frozen, sharding.batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated))
 
@@ -163,6 +207,12 @@ def reference_counts(data_cfg: ml_collections.ConfigDict) -> range:
     """Every reference count R a batch can have: 0 up to the largest that `ref_count_probs` draws (a sample gets
     fewer references than drawn when its identity has fewer other images)."""
     return range(max(r for r, p in enumerate(data_cfg.ref_count_probs) if p > 0) + 1)
+
+
+def step_spec(cfg: ml_collections.ConfigDict, refs: int, encode, embed, params, rest) -> dict:
+    """The abstract `step_inputs` of a batch with `refs` references (`encode`, `embed` from `jit_encoders`)."""
+    return jax.eval_shape(lambda batch: step_inputs(batch, encode, embed, params, rest, cfg.train),
+                          batch_spec(cfg, refs))
 
 
 def batch_spec(cfg: ml_collections.ConfigDict, refs: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -268,7 +318,8 @@ def main(argv) -> None:
         # now that the checkpoint it describes has read, so that a failed start leaves the workdir's record as it was
         (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
 
-    step_fn = jit_train_step(graphdef, tx, t, mesh, state, rest, cfg.mesh.shard_min_size)
+    step_fn = jit_train_step(graphdef, tx, cfg, mesh, state, rest)
+    encode_fn, embed_fn = jit_encoders(graphdef, cfg, mesh, params, rest)
     restore_fn = jit_restore(graphdef, cfg, mesh, params, rest)
     preview = preview_batch(cfg)  # on every process: all of them compute the sample grids
     preview = sharding.replicate(dict({k: preview[k][:log.sample_count] for k in ("deg", "refs", "gt")},
@@ -276,9 +327,13 @@ def main(argv) -> None:
     # Every program the run can need, compiled now (in parallel) rather than when a batch first needs it: no host
     # of a pod stalls mid-run on a compile, and a restart reads them all from the compilation cache.
     weights = state.get("ema", state["params"])
+    images_spec = batch_spec(cfg, 0)["gt"]
     programs = compilation.compile_all(
-        {f"train step R={r}": partial(step_fn.lower, state, rest, batch_spec(cfg, r))
-         for r in reference_counts(cfg.data)}
+        {"encode images": partial(encode_fn.lower, params, rest, images_spec),
+         "embed faces": partial(embed_fn.lower, params, rest, images_spec)}
+        | {f"train step R={r}": partial(step_fn.lower, state, rest,
+                                        step_spec(cfg, r, encode_fn, embed_fn, params, rest))
+           for r in reference_counts(cfg.data)}
         | {f"sample grid R={r}": partial(restore_fn.lower, weights, rest, preview["deg"], preview["refs"][:, :r],
                                          preview["key"]) for r in (0, preview["refs"].shape[1])})
     hosts.wait_for_all("iconface_jax programs compiled")
@@ -315,9 +370,10 @@ def main(argv) -> None:
         running = None
         if step < t.steps and not stop["signal"]:
             batch, data_state = next(batches)
-            state, metrics = programs[f"train step R={batch['refs'].shape[1]}"](state, rest, batch)
+            batch = step_inputs(batch, programs["encode images"], programs["embed faces"], state["params"], rest, t)
+            state, metrics = programs[f"train step R={batch['ref_latents'].shape[1]}"](state, rest, batch)
             step += 1
-            running = (step, metrics, batch["refs"].shape[1])
+            running = (step, metrics, batch["ref_latents"].shape[1])
         if done is not None:
             # The previous step's results are read only now that this step is queued behind it: waiting
             # for them never leaves the device idle while the host loads, logs or dispatches.

@@ -123,6 +123,18 @@ def paper_overrides(vae_dir: str | os.PathLike) -> list[str]:
             "--config.train.ema_decay=0.9", "--config.train.sigma_mean=0.0", "--config.train.residual_dropout=0.0"]
 
 
+def step_inputs(cfg, graphdef, params, rest, images: dict) -> dict:
+    """The train step's inputs of a batch of images as the trainer makes them (`train.step_inputs` over the frozen
+    encoders, each jitted alone)."""
+    import jax
+    from flax import nnx
+
+    from iconface_jax import train
+
+    run = lambda method: jax.jit(lambda p, r, x: getattr(nnx.merge(graphdef, p, r), method)(x))
+    return train.step_inputs(images, run("encode"), run("embed"), params, rest, cfg.train)
+
+
 def demo_config(*overrides: str):
     """configs/demo.py with `--config.a.b=value` overrides applied as the trainer's command line applies them."""
     from iconface_jax import config

@@ -66,9 +66,12 @@ def test_second_start_of_the_demo_reads_every_program_from_the_cache(toy_run, tm
                     "--config.train.stop_at=1", env={"JAX_LOG_COMPILES": "1"})
     hits = out.stderr.count("Persistent compilation cache hit for 'jit_train_step'")
     assert hits == 2 and out.stderr.count("Persistent compilation cache hit for 'jit_run'") == 2, out.stderr[-3000:]
+    for encoder in ("jit_encode", "jit_embed"):
+        assert out.stderr.count(f"Persistent compilation cache hit for '{encoder}'") == 1, out.stderr[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("compiled ")]
     assert sorted(line.split(" in ")[0] for line in lines) == [
-        "compiled sample grid R=0", "compiled sample grid R=1", "compiled train step R=0", "compiled train step R=1"]
+        "compiled embed faces", "compiled encode images", "compiled sample grid R=0", "compiled sample grid R=1",
+        "compiled train step R=0", "compiled train step R=1"]
     assert all(line.endswith("(from the compilation cache)") for line in lines), lines
 
 

@@ -31,7 +31,7 @@ DEMO_BEFORE = {
     'data.tfds.name': '', 'data.tfds.split': 'train', 'data.use_given_lq': False,
     'log.checkpoint_every': 400, 'log.every': 25, 'log.guidance': 4.0, 'log.keep': 2, 'log.sample_count': 4,
     'log.sample_every': 800, 'log.sample_steps': 12,
-    'mesh.data': -1, 'mesh.fsdp': 1, 'mesh.shard_min_size': 65536,
+    'mesh.data': -1, 'mesh.fsdp': 1, 'mesh.shard_min_size': 4194304,
     'model.attention': '', 'model.autoencoder.bands': (6, 3), 'model.autoencoder.factor': 8,
     'model.autoencoder.kind': 'patchify', 'model.autoencoder.remat_decoder': False, 'model.autoencoder.weights': '',
     'model.backbone.attention_head_dim': 32, 'model.backbone.axes_dims_rope': (8, 8, 8, 8),

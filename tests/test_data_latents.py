@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from helpers import ROOT, env_with
+from helpers import ROOT, env_with, step_inputs
 from iconface_jax import face_system
 from iconface_jax import train
 from iconface_jax.data import catalog, latents, pipeline
@@ -65,8 +65,9 @@ def test_training_loss_is_the_same_with_precomputed_latents(precomputed):
     batch = {k: jnp.asarray(v) for k, v in batch.items() if not k.startswith("_")}
     encoded = {k: v for k, v in batch.items() if not k.endswith("_latents")}
     key = jax.random.PRNGKey(3)
-    with_latents = train.loss_fn(params, rest, graphdef, batch, key, cfg.train)[1]
-    without = train.loss_fn(params, rest, graphdef, encoded, key, cfg.train)[1]
+    size = cfg.data.resolution
+    with_latents, without = (train.loss_fn(params, rest, graphdef, step_inputs(cfg, graphdef, params, rest, images),
+                                           key, cfg.train, size)[1] for images in (batch, encoded))
     for name in ("loss_fm", "loss_id"):
         np.testing.assert_allclose(with_latents[name], without[name], rtol=1e-5)
     assert float(with_latents["loss_id"]) > 0

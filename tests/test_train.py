@@ -75,7 +75,8 @@ def test_eight_simulated_devices_with_fsdp_match_one_device(tmp_path, demo_backb
                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert "8 device(s), mesh {'data': 4, 'fsdp': 2}" in out.stdout
     total, per_device = frozen_mib(out.stdout)
-    assert total > 5 and per_device < 0.52 * total, out.stdout  # the transformer's weights are most of it
+    # the transformer's weights (84 %) split in two; the face encoder and the prompts whole on every device
+    assert total > 5 and per_device < 0.6 * total, out.stdout
     run_train(tmp_path / "one", *same)
     sharded, single = losses(tmp_path / "eight"), losses(tmp_path / "one")
     assert sharded.keys() == single.keys() == {1, 2}
@@ -157,7 +158,7 @@ def test_two_processes_under_slurm_shard_sample_and_stop_together(slurm_run):
     workdir, outs, stop = slurm_run
     assert "process 1 of 2 (slurm launch)" in outs[1] and "4 device(s), mesh {'data': 2, 'fsdp': 2}" in outs[0]
     total, per_device = frozen_mib(outs[0])
-    assert per_device < 0.52 * total, outs[0]
+    assert per_device < 0.6 * total, outs[0]  # the transformer's weights halved, the face encoder whole
     curves = [{line.split()[3]: line.split("loss ")[1].split()[0] for line in out.splitlines()
                if line.startswith(f"[process {pid}] step ")} for pid, out in enumerate(outs)]
     assert curves[0] == curves[1] and len(curves[0]) >= 4, curves

@@ -11,8 +11,8 @@ import optax
 import pytest
 from flax import nnx
 
-from helpers import demo_config, paper_overrides
-from iconface_jax import face_system
+from helpers import demo_config, paper_overrides, step_inputs
+from iconface_jax import face_system, sharding
 from iconface_jax import train
 from iconface_jax.models import iconface
 
@@ -39,27 +39,57 @@ def test_term_gradient_norms_are_those_of_each_term():
                       "--config.train.term_grad_norms=True")
     system = face_system.build(cfg)
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
-    t, x, key = cfg.train, batch(1), jax.random.key(3)
+    t, x, key = cfg.train, step_inputs(cfg, graphdef, params, rest, batch(1)), jax.random.key(3)
     tx = optax.sgd(0.1)
     state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), key=key)
 
     sub = jax.random.split(key)[1]  # the step's own split of the state key
     # Both terms' gradients in one program: the Jacobian of [L_fm, L_id], one row per term.
-    jac = jax.jit(jax.jacrev(lambda p: train.loss_fn(p, rest, graphdef, x, sub, t)[0]))(params)
+    jac = jax.jit(jax.jacrev(lambda p: train.loss_fn(p, rest, graphdef, x, sub, t, 16)[0]))(params)
     want_fm = optax.tree.norm(jax.tree.map(lambda g: g[0], jac))
     want_id = optax.tree.norm(jax.tree.map(lambda g: t.lambda_id * g[1], jac))
 
-    new, metrics = jax.jit(lambda s: train.train_step(s, rest, x, graphdef=graphdef, tx=tx, t=t))(state)
+    new, metrics = jax.jit(lambda s: train.train_step(s, rest, x, graphdef=graphdef, tx=tx, t=t, resolution=16))(state)
     np.testing.assert_allclose(float(metrics["grad_norm_fm"]), float(want_fm), rtol=1e-5)
     np.testing.assert_allclose(float(metrics["grad_norm_id"]), float(want_id), rtol=1e-5)
     assert float(metrics["grad_norm_id"]) > 0
 
     t_off = cfg.train.copy_and_resolve_references()
     t_off.term_grad_norms = False
-    plain, plain_metrics = jax.jit(lambda s: train.train_step(s, rest, x, graphdef=graphdef, tx=tx, t=t_off))(state)
+    plain, plain_metrics = jax.jit(lambda s: train.train_step(s, rest, x, graphdef=graphdef, tx=tx, t=t_off,
+                                                                         resolution=16))(state)
     assert "grad_norm_id" not in plain_metrics
     for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(plain["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_step_inputs_are_each_image_set_through_the_trainers_encoder_programs():
+    """`train.step_inputs` over `train.jit_encoders`' programs (one image set at a time, sharded as the trainer runs
+    them) gives the tokens and features of the whole batch encoded at once, reference r in slot r; without
+    references the anchor's features are the degraded image's, and the identity loss's clean features are there
+    only when the step reads them."""
+    cfg = demo_config("--config.data.resolution=16", "--config.train.lambda_id=0.5")
+    system = face_system.build(cfg)
+    graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
+    mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+    encode, embed = train.jit_encoders(graphdef, cfg, mesh, params, rest)
+    close = lambda got, want: np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    with jax.set_mesh(mesh):
+        images = batch(3, b=2)
+        x = train.step_inputs(images, encode, embed, params, rest, cfg.train)
+        assert set(x) == {"gt_latents", "deg_latents", "ref_latents", "ref_features", "gt_features", "num_refs"}
+        close(x["ref_latents"], system.encode(images["refs"]))
+        close(x["ref_features"], system.embed(images["refs"]))
+        close(x["gt_latents"], system.encode(images["gt"]))
+        close(x["deg_latents"], system.encode(images["deg"]))
+        close(x["gt_features"], system.embed(images["gt"]))
+        assert len({float(x["ref_features"][0, r, 0]) for r in range(3)}) == 3  # three different references
+
+        images = batch(0, b=2)
+        x = train.step_inputs(images, encode, embed, params, rest, cfg.train)
+        assert set(x) == {"gt_latents", "deg_latents", "ref_latents", "ref_features", "deg_features", "num_refs"}
+        assert x["ref_latents"].shape == (2, 0, *x["gt_latents"].shape[1:]) and x["ref_features"].shape == (2, 0, 512)
+        close(x["deg_features"], system.embed(images["deg"]))
 
 
 # --- the paper's shape: frozen base, LoRA and side pathways trained, the FLUX.2 VAE codec, EMA ---
@@ -99,8 +129,8 @@ def test_identity_loss_gradient_reaches_lora_and_side_pathways(paper):
     """d L_id / d theta through the decoder and AdaFace: non-zero on every trainable group, and along a random
     direction within each group equal to a central finite difference of L_id."""
     cfg, graphdef, params, rest = paper
-    x, key = batch(1), jax.random.key(5)
-    l_id = jax.jit(lambda p: train.loss_fn(p, rest, graphdef, x, key, cfg.train)[0][1])
+    x, key = step_inputs(cfg, graphdef, params, rest, batch(1)), jax.random.key(5)
+    l_id = jax.jit(lambda p: train.loss_fn(p, rest, graphdef, x, key, cfg.train, 16)[0][1])
     grads = flat(jax.jit(jax.grad(l_id))(params))
     assert float(l_id(params)) > 0
     rng = np.random.default_rng(1)
@@ -125,7 +155,8 @@ def paper_step(paper):
     tx = train.make_optimizer(t)
     state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), key=jax.random.key(7),
                  ema=jax.tree.map(lambda p: p + 0.01, params))  # an EMA apart from the parameters
-    return state, jax.jit(lambda s, b: train.train_step(s, rest, b, graphdef=graphdef, tx=tx, t=t)), t
+    run = jax.jit(lambda s, b: train.train_step(s, rest, b, graphdef=graphdef, tx=tx, t=t, resolution=16))
+    return state, lambda s, images: run(s, step_inputs(cfg, graphdef, params, rest, images)), t
 
 
 def test_nonfinite_step_leaves_the_state_bit_identical(paper_step):
@@ -169,10 +200,11 @@ def test_text_dropout_rate(monkeypatch):
         return z
 
     monkeypatch.setattr(iconface.IConFace, "__call__", fake_model)
-    monkeypatch.setattr(face_system.FaceSystem, "anchor", lambda self, deg, refs: jnp.ones((deg.shape[0], 512)))
+    monkeypatch.setattr(face_system.FaceSystem, "embed", lambda self, images: jnp.ones((images.shape[0], 512)))
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
     n = 1000
-    train.loss_fn(params, rest, graphdef, batch(0, b=n), jax.random.key(0), cfg.train)
+    x = step_inputs(cfg, graphdef, params, rest, batch(0, b=n))
+    train.loss_fn(params, rest, graphdef, x, jax.random.key(0), cfg.train, 16)
     text = seen[0]
     empty = np.all(text == np.asarray(system.empty[...])[None], axis=(1, 2))
     prompt = np.all(text == np.asarray(system.prompt[...])[None], axis=(1, 2))
@@ -188,11 +220,12 @@ def test_residual_dropout_withholds_the_structure_residual(monkeypatch):
     system = face_system.build(cfg)
     w_in_up = system.model.structure.w_in_up.kernel
     w_in_up[...] = jax.random.normal(jax.random.key(5), w_in_up.shape)  # trained-like: the residual acts
-    x, key = batch(1), jax.random.key(2)
+    images, key = batch(1), jax.random.key(2)
 
     def loss(t):
         graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
-        return np.asarray(train.loss_fn(params, rest, graphdef, x, key, t)[0])
+        x = step_inputs(cfg, graphdef, params, rest, images)
+        return np.asarray(train.loss_fn(params, rest, graphdef, x, key, t, 16)[0])
 
     t_keep = cfg.train.copy_and_resolve_references()
     t_keep.residual_dropout = 0.0
@@ -205,12 +238,13 @@ def test_residual_dropout_withholds_the_structure_residual(monkeypatch):
     seen = []
     monkeypatch.setattr(iconface.IConFace, "__call__",
                         lambda self, z, *args, keep_residual, **kw: seen.append(np.asarray(keep_residual)) or z)
-    monkeypatch.setattr(face_system.FaceSystem, "anchor", lambda self, deg, refs: jnp.ones((deg.shape[0], 512)))
+    monkeypatch.setattr(face_system.FaceSystem, "embed", lambda self, images: jnp.ones((images.shape[0], 512)))
     t_some = cfg.train.copy_and_resolve_references()
     t_some.residual_dropout = 0.3
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
     n = 1000
-    train.loss_fn(params, rest, graphdef, batch(0, b=n), jax.random.key(0), t_some)
+    x = step_inputs(cfg, graphdef, params, rest, batch(0, b=n))
+    train.loss_fn(params, rest, graphdef, x, jax.random.key(0), t_some, 16)
     assert abs((~seen[0]).sum() - 0.3 * n) < 4 * math.sqrt(n * 0.3 * 0.7), (~seen[0]).sum()
 
 
@@ -255,8 +289,9 @@ def test_identity_term_by_hand(monkeypatch):
                       "--config.train.omega_min=0.4")
     system = face_system.build(cfg)
     graphdef, params, rest = nnx.split(system, face_system.trainable_filter(cfg), ...)
-    x = batch(2, b=3)
-    x["num_refs"] = jnp.asarray([2, 0, 2], jnp.int32)
+    images = batch(2, b=3)
+    images["num_refs"] = jnp.asarray([2, 0, 2], jnp.int32)
+    x = step_inputs(cfg, graphdef, params, rest, images)
     seen = {}
     sample_sigma, decode = train.flow.sample_sigma, face_system.FaceSystem.decode
     monkeypatch.setattr(train.flow, "sample_sigma", lambda *a, **k: seen.setdefault("sigma", sample_sigma(*a, **k)))
@@ -265,8 +300,9 @@ def test_identity_term_by_hand(monkeypatch):
 
     @jax.jit
     def run(params):  # one program: the loss, and the embeddings of the recorded sigma and restored images
-        terms, metrics = train.loss_fn(params, rest, graphdef, x, jax.random.key(4), cfg.train)
-        embedded = [system.embed(images) for images in (x["refs"], x["gt"], seen["restored"])]
+        terms, metrics = train.loss_fn(params, rest, graphdef, x, jax.random.key(4), cfg.train, 16)
+        # The embeddings from the images themselves, not from the step's inputs: a mix-up there would show.
+        embedded = [system.embed(faces) for faces in (images["refs"], images["gt"], seen["restored"])]
         return terms, metrics, seen["sigma"], embedded
 
     terms, metrics, sigma, (z, e_gt, e_out) = jax.tree.map(lambda v: np.asarray(v, np.float64), run(params))

@@ -29,7 +29,8 @@ LOG_ENV = dict(TF_CPP_MIN_LOG_LEVEL="0", TPU_STDERR_LOG_LEVEL="0", TPU_MIN_LOG_L
 
 _MODULE = re.compile(r"XLA::TPU running hlo passes for ([\d,]+) instructions, module: (\S+)")
 _PASS = re.compile(r"HLO pass: (\S+) time: ([\d.]+) (ms|s|us)")
-_STAGE = re.compile(r"(HLO_PASSES|BACKEND_PASSES|CODE_GENERATION|END_TO_END) stage duration: ((?:[\d.]+[hms])+)")
+_STAGE = re.compile(r"(HLO_PASSES|BACKEND_PASSES|CODE_GENERATION|END_TO_END) stage duration: "
+                    r"((?:[\d.]+(?:ms|us|h|m|s))+)")
 _LINE = re.compile(r"^[IWE]\d{4} (\d\d):(\d\d):([\d.]+)\s+(\d+) ")  # glog: time of day, thread
 _FUSION = re.compile(r"deepsea_compiler_backend\.cc:\d+\] \[(\S+)\] LLO optimizing")
 _RETRY = re.compile(r"Successful retry compilation of (\S+) after retry_count=(\d+)")
@@ -86,10 +87,10 @@ def parse(lines: Iterable[str]) -> list[ModuleProfile]:
 
 
 def _seconds(text: str) -> float:
-    """libtpu's durations: '55.5s', '5m22.6s', '1h2m3s'."""
+    """libtpu's durations: '55.5s', '5m22.6s', '1h2m3s', '943.9ms'."""
     total = 0.0
-    for value, unit in re.findall(r"([\d.]+)(h|m|s)", text):
-        total += float(value) * {"h": 3600, "m": 60, "s": 1}[unit]
+    for value, unit in re.findall(r"([\d.]+)(ms|us|h|m|s)", text):
+        total += float(value) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6}[unit]
     return total
 
 
