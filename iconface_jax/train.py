@@ -190,8 +190,8 @@ def init_state(params, tx: optax.GradientTransformation, t: ml_collections.Confi
 
 def jit_train_step(graphdef, tx: optax.GradientTransformation, cfg: ml_collections.ConfigDict, mesh, state, rest):
     """The jitted step (state, rest, `step_inputs`) -> (state, metrics) with its shardings: training state replicated,
-    frozen weights over fsdp (`sharding.param_spec`, arrays of `shard_min_size` elements or more), the batch
-    over data and fsdp; the state donated.
+    frozen weights as `sharding.param_shardings` places them (the transformer's over fsdp), the batch over data
+    and fsdp; the state donated.
     `state` and `rest` may be abstract: `iconface_jax.aot` lowers this same function for other targets.
     Call it under `jax.set_mesh(mesh)` (splash attention runs per chip in a shard_map over that mesh)."""
     replicated = NamedSharding(mesh, P())
